@@ -1,0 +1,158 @@
+"""Root conftest: options, the device parametrization, gating, and the metric fixture.
+
+Configuration flows one way: command line and markers -> these fixtures -> suites -> scalellm.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+
+# Offline by construction: set before transformers or huggingface_hub is imported anywhere, so no
+# test can reach a hub (their constants are read at import time).
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_var] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from scalellm import devices  # noqa: E402
+from scalellm.baselines import BaselineError, BaselineStore, Metric, Tolerance  # noqa: E402
+from suites.helpers.recorder import MetricRecorder  # noqa: E402
+
+pytest_plugins = ("pytester",)  # the harness self-tests run small suites through this conftest
+
+DEVICE_MARKERS = devices.DEVICES + ("multigpu",)
+
+# Hypothesis: "dev" for local runs; "ci" (derandomized, no example database) when CI is set;
+# "nightly" for the long job. Deadlines are off: first calls into torch/bnb are slow to warm up.
+settings.register_profile("dev", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=True, database=None,
+                          print_blob=True)
+settings.register_profile("nightly", parent=settings.get_profile("dev"), max_examples=400)
+settings.load_profile(os.environ.get("SCALELLM_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("scalellm")
+    group.addoption("--update-baselines", action="store_true",
+                    help="store the figures of passing tests as the new baselines (atomic; never on an "
+                         "interrupted run)")
+    group.addoption("--baseline-dir", default=None, metavar="PATH",
+                    help="baseline store to compare with (default: baselines/ beside this conftest)")
+    group.addoption("--require-device", action="store_true",
+                    help="an absent device is an error, not a skip (for GPU boxes, where it is a fault)")
+    group.addoption("--report-dir", default=None, metavar="DIR",
+                    help="write results.json and summary.md of this run into DIR")
+    group.addoption("--model", default=None, metavar="PATH", dest="model_path",
+                    help="run the real-model checks on this local HF checkpoint instead of SmolLM2")
+
+
+def pytest_configure(config):
+    root = config.rootpath
+    store = BaselineStore(config.getoption("--baseline-dir") or root / "baselines")
+    try:
+        store.validate_all()
+    except BaselineError as exc:
+        raise pytest.UsageError(f"bad baseline file: {exc}") from exc
+    recorder = MetricRecorder(store, update=config.getoption("--update-baselines"),
+                              report_dir=config.getoption("--report-dir"))
+    config.pluginmanager.register(recorder, "scalellm-recorder")
+    config.stash[RECORDER] = recorder
+
+
+RECORDER = pytest.StashKey[MetricRecorder]()
+
+
+# ---------------------------------------------------------------- devices
+
+
+def pytest_generate_tests(metafunc):
+    """Run every test that takes ``device`` once per device, marked with that device's marker."""
+    if "device" not in metafunc.fixturenames:
+        return
+    only = metafunc.definition.get_closest_marker("devices")
+    names = only.args if only else devices.DEVICES
+    unknown = set(names) - set(devices.DEVICES)
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: devices() names unknown {sorted(unknown)}")
+    metafunc.parametrize("device", [pytest.param(d, marks=getattr(pytest.mark, d), id=d) for d in names])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Device-free tests run on the host: they carry the ``cpu`` marker so ``-m cpu`` selects them."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in DEVICE_MARKERS):
+            item.add_marker(pytest.mark.cpu)
+
+
+def pytest_runtest_setup(item):
+    """Skip (or, with --require-device, fail) cases whose device is absent, with one clear reason."""
+    checks = []
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "device" in callspec.params:
+        checks.append(devices.availability(callspec.params["device"]))
+    if item.get_closest_marker("multigpu"):
+        checks.append(devices.multigpu_availability())
+    for check in checks:
+        if not check.available:
+            if item.config.getoption("--require-device"):
+                pytest.fail(f"--require-device: {check.reason}", pytrace=False)
+            pytest.skip(check.reason)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """``pytest -m cuda`` on a machine with no cuda case collected is not a failure of the nightly job."""
+    expr = session.config.getoption("markexpr") or ""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and any(d in expr for d in DEVICE_MARKERS):
+        session.exitstatus = pytest.ExitCode.OK
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Reseed every generator before each test; release cached device memory after it."""
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield 0
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
+
+
+@pytest.fixture
+def record_metric(request):
+    """``record_metric(name, value, *, unit, better, tolerance, samples=None)``: report a figure.
+
+    It is compared with the stored baseline for this test on this test's device class; a figure
+    outside its tolerance fails the test (after the test body ends, so every figure is recorded).
+    """
+    recorder = request.config.stash[RECORDER]
+    device = request.node.callspec.params.get("device", "cpu") if hasattr(request.node, "callspec") else "cpu"
+
+    def record(name: str, value: float, *, unit: str, better: str, tolerance: Tolerance,
+               samples=None) -> None:
+        if samples is not None:
+            samples = tuple(float(s) for s in samples)
+        metric = Metric(request.node.nodeid, name, float(value), unit, better, tolerance, samples)
+        recorder.record(request.node, device, metric)
+
+    return record
+
+
+@pytest.fixture(scope="session")
+def model_path(request):
+    """A user's local checkpoint given with --model, or None for the shipped SmolLM2 fixture."""
+    return request.config.getoption("model_path")

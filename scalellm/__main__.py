@@ -1,0 +1,5 @@
+import sys
+
+from scalellm.cli import main
+
+sys.exit(main())

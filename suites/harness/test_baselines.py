@@ -1,0 +1,167 @@
+"""The baseline store: comparison semantics, files, atomic writes, bad files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scalellm import baselines
+from scalellm.baselines import Baseline, BaselineError, BaselineStore, Metric, Tolerance, compare
+
+ENV = {"torch": "2.13.0", "python": "3.11.7"}
+TEST_ID = "suites/quality/test_demo.py::test_ppl[cpu]"
+
+
+def metric(value, better="lower", tol=Tolerance(rel=0.05, why="demo"), samples=None, unit="1"):
+    return Metric(TEST_ID, "ppl", value, unit, better, tol, samples)
+
+
+def base(value, better="lower", samples=None, env=ENV, unit="1"):
+    return Baseline(value, unit, better, Tolerance(rel=0.05), samples, env)
+
+
+# ---- comparison
+
+
+def test_no_baseline_is_new_not_pass():
+    assert compare(metric(1.0), None, ENV).status == "new"
+
+
+@pytest.mark.parametrize("better, value, status", [
+    ("lower", 10.4, "pass"), ("lower", 10.6, "fail"), ("lower", 5.0, "pass"),
+    ("higher", 9.6, "pass"), ("higher", 9.4, "fail"), ("higher", 50.0, "pass"),
+    ("equal", 10.4, "pass"), ("equal", 10.6, "fail"), ("equal", 9.4, "fail"),
+])
+def test_direction_decides_which_side_fails(better, value, status):
+    assert compare(metric(value, better), base(10.0, better), ENV).status == status
+
+
+def test_absolute_tolerance_covers_a_zero_baseline():
+    tol = Tolerance(abs=0.01, why="demo")
+    assert compare(metric(0.009, tol=tol), base(0.0), ENV).status == "pass"
+    assert compare(metric(0.011, tol=tol), base(0.0), ENV).status == "fail"
+
+
+def test_nan_always_fails():
+    assert compare(metric(math.nan), base(1.0), ENV).status == "fail"
+    assert compare(metric(math.nan), None, ENV).status == "fail"
+
+
+def test_unit_mismatch_fails_and_says_so():
+    verdict = compare(metric(1.0, unit="GiB"), base(1.0, unit="MiB"), ENV)
+    assert verdict.status == "fail" and "'MiB'" in verdict.message
+
+
+def test_failure_message_names_metric_baseline_tolerance_value_and_environment():
+    verdict = compare(metric(12.0), base(10.0, env={**ENV, "torch": "2.12.0"}), ENV)
+    assert verdict.status == "fail"
+    for part in ("'ppl'", TEST_ID, "measured 12", "baseline 10", "rel 0.05 (demo)", "torch 2.12.0 -> 2.13.0"):
+        assert part in verdict.message, part
+
+
+@given(baseline=st.floats(1e-6, 1e6), frac=st.floats(0, 0.999), rel=st.floats(0.001, 0.5),
+       better=st.sampled_from(baselines.DIRECTIONS), sign=st.sampled_from([-1, 1]))
+def test_any_change_inside_the_tolerance_passes(baseline, frac, rel, better, sign):
+    value = baseline * (1 + sign * frac * rel)
+    assert compare(metric(value, better, Tolerance(rel=rel)), base(baseline, better), ENV).status == "pass"
+
+
+@given(baseline=st.floats(1e-3, 1e6), excess=st.floats(1.01, 10), rel=st.floats(0.001, 0.5))
+def test_any_worsening_beyond_the_tolerance_fails(baseline, excess, rel):
+    worse = baseline * (1 + excess * rel)
+    assert compare(metric(worse, "lower", Tolerance(rel=rel)), base(baseline, "lower"), ENV).status == "fail"
+
+
+# ---- repeated samples (the noise-aware rule)
+
+NOISE = [1.00, 1.01, 0.99, 1.02, 0.98, 1.005, 0.995, 1.015, 0.985, 1.0]
+
+
+def test_samples_with_a_planted_slowdown_fail():
+    slow = [x * 1.10 for x in NOISE]
+    tol = Tolerance(rel=0.03, why="demo")
+    verdict = compare(metric(1.10, "lower", tol, samples=slow), base(1.0, "lower", samples=NOISE), ENV)
+    assert verdict.status == "fail" and "bootstrap interval" in verdict.message
+
+
+def test_samples_of_a_clean_rerun_pass():
+    rerun = list(reversed(NOISE))
+    tol = Tolerance(rel=0.03, why="demo")
+    assert compare(metric(1.0, "lower", tol, samples=rerun), base(1.0, "lower", samples=NOISE), ENV).status == "pass"
+
+
+# ---- files
+
+
+def test_update_then_get_round_trips(tmp_path):
+    store = BaselineStore(tmp_path)
+    store.update("cpu-x86_64", [metric(3.5)], ENV)
+    got = BaselineStore(tmp_path).get("cpu-x86_64", TEST_ID, "ppl")
+    assert (got.value, got.unit, got.better, got.environment) == (3.5, "1", "lower", ENV)
+
+
+def test_files_are_named_by_suite_module_with_sorted_keys(tmp_path):
+    [path] = BaselineStore(tmp_path).update("cpu-x86_64", [metric(3.5)], ENV)
+    assert path == tmp_path / "cpu-x86_64" / "quality.test_demo.json"
+    text = path.read_text()
+    assert text == json.dumps(json.loads(text), indent=1, sort_keys=True) + "\n"
+
+
+def test_update_keeps_other_figures_of_the_file(tmp_path):
+    store = BaselineStore(tmp_path)
+    store.update("cpu-x86_64", [metric(3.5)], ENV)
+    other = Metric(TEST_ID, "kld", 0.1, "nats", "lower", Tolerance(rel=0.1))
+    store.update("cpu-x86_64", [other], {**ENV, "torch": "2.14.0"})
+    fresh = BaselineStore(tmp_path)
+    assert fresh.get("cpu-x86_64", TEST_ID, "ppl").environment == ENV
+    assert fresh.get("cpu-x86_64", TEST_ID, "kld").environment["torch"] == "2.14.0"
+
+
+def test_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    store = BaselineStore(tmp_path)
+    [path] = store.update("cpu-x86_64", [metric(3.5)], ENV)
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(baselines.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.update("cpu-x86_64", [metric(9.9)], ENV)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir() if p.suffix == ".tmp"] == []
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "not valid JSON"),
+    ('["a list"]', "not a JSON object"),
+    ('{"schema": "other/9", "device_class": "cpu-x86_64", "environments": {}, "metrics": {}}', "schema is 'other/9'"),
+    ('{"schema": "scalellm.baselines/1", "device_class": "cuda-nvidia-h100", "environments": {}, "metrics": {}}',
+     "recorded for device class 'cuda-nvidia-h100'"),
+    ('{"schema": "scalellm.baselines/1", "device_class": "cpu-x86_64", "environments": {}, '
+     '"metrics": {"t": {"m": {"value": 1, "unit": "1", "better": "lower", "environment": "gone"}}}}',
+     "names environment 'gone'"),
+    ('{"schema": "scalellm.baselines/1", "device_class": "cpu-x86_64", "environments": {"e": {}}, '
+     '"metrics": {"t": {"m": {"value": "high", "unit": "1", "better": "lower", "environment": "e"}}}}',
+     "non-numeric value"),
+])
+def test_a_bad_file_is_named_with_its_problem(tmp_path, content, problem):
+    path = tmp_path / "cpu-x86_64" / "quality.test_demo.json"
+    path.parent.mkdir()
+    path.write_text(content)
+    with pytest.raises(BaselineError) as excinfo:
+        BaselineStore(tmp_path).validate_all()
+    assert str(excinfo.value).startswith(str(path)) and problem in str(excinfo.value)
+
+
+def test_update_refuses_to_overwrite_a_bad_file(tmp_path):
+    path = tmp_path / "cpu-x86_64" / "quality.test_demo.json"
+    path.parent.mkdir()
+    path.write_text("{not json")
+    with pytest.raises(BaselineError):
+        BaselineStore(tmp_path).update("cpu-x86_64", [metric(1.0)], ENV)
+    assert path.read_text() == "{not json"

@@ -1,0 +1,128 @@
+"""The pytest side of the baseline store: collects figures, fails tests on regressions, writes results.
+
+Figures travel from the test (possibly in a pytest-xdist worker) to the controlling process in the
+test report's ``user_properties``; only the controlling process writes baselines and results, at
+the end of a run that was not interrupted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scalellm import devices, environment, report, results
+from scalellm.baselines import BaselineStore, Metric, compare
+
+PROPERTY = "scalellm_metric"
+_FAILED = pytest.StashKey[list]()
+
+
+class MetricRecorder:
+    def __init__(self, store: BaselineStore, *, update: bool, report_dir: str | None):
+        self.store = store
+        self.update = update
+        self.report_dir = Path(report_dir) if report_dir else None
+        self.tests: dict[str, dict] = {}
+        self.metrics: list[dict] = []
+        self.written: list[Path] = []
+        self._classes: dict[str, str] = {}
+
+    # ---- inside the test process
+
+    def device_class(self, device: str) -> str:
+        if device not in self._classes:
+            self._classes[device] = devices.device_class(device)
+        return self._classes[device]
+
+    def record(self, item, device: str, metric: Metric) -> None:
+        device_class = self.device_class(device)
+        verdict = compare(metric, self.store.get(device_class, metric.test_id, metric.name),
+                          environment.fingerprint())
+        entry = {
+            "device": device, "device_class": device_class, **metric.to_json(),
+            "status": verdict.status, "message": verdict.message,
+            "baseline": verdict.baseline.value if verdict.baseline else None,
+            "baseline_environment": verdict.baseline.environment if verdict.baseline else None,
+        }
+        item.user_properties.append((PROPERTY, entry))
+        if verdict.status == "fail":
+            item.stash.setdefault(_FAILED, []).append(verdict.message)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item):
+        outcome = yield
+        failed = item.stash.get(_FAILED, [])
+        if failed and not self.update:
+            raise AssertionError("figure outside its baseline tolerance:\n" + "\n".join(failed))
+        return outcome
+
+    # ---- in the controlling process
+
+    def pytest_runtest_logreport(self, report):
+        test = self.tests.setdefault(report.nodeid, {"nodeid": report.nodeid, "outcome": "passed",
+                                                     "duration_s": 0.0, "reason": ""})
+        test["duration_s"] += report.duration
+        if report.when == "call":
+            test["markers"] = sorted(set(report.keywords) & set(results.MARKERS))
+            self.metrics += [value for key, value in report.user_properties if key == PROPERTY]
+        outcome = _outcome(report)
+        if outcome is not None and test["outcome"] == "passed":
+            test["outcome"], test["reason"] = outcome
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if hasattr(session.config, "workerinput"):
+            return
+        interrupted = exitstatus == pytest.ExitCode.INTERRUPTED or bool(session.shouldstop or session.shouldfail)
+        if self.update:
+            self.written = [] if interrupted else self._store_passing()
+        if self.report_dir is not None:
+            run = results.Run(tests=list(self.tests.values()), metrics=self.metrics,
+                              environment=environment.fingerprint(), updated=[str(p) for p in self.written],
+                              interrupted=interrupted)
+            results.write(self.report_dir, run)
+            report.write_summary(self.report_dir, run)
+
+    def _store_passing(self) -> list[Path]:
+        passed = {nodeid for nodeid, t in self.tests.items() if t["outcome"] == "passed"}
+        by_class: dict[str, list[Metric]] = {}
+        for entry in self.metrics:
+            if entry["test_id"] in passed:
+                by_class.setdefault(entry["device_class"], []).append(Metric.from_json(entry))
+                entry["status"] = "updated"
+        env = environment.fingerprint()
+        return [path for dc, group in sorted(by_class.items()) for path in self.store.update(dc, group, env)]
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if not self.metrics and not self.update:
+            return
+        counts: dict[str, int] = {}
+        for entry in self.metrics:
+            counts[entry["status"]] = counts.get(entry["status"], 0) + 1
+        tr = terminalreporter
+        tr.section("scalellm metrics")
+        tr.write_line("  ".join(f"{status}: {n}" for status, n in sorted(counts.items())) or "no figures recorded")
+        for entry in self.metrics:
+            if entry["status"] == "new":
+                tr.write_line(f"NEW  {entry['message']}")
+        if self.update:
+            if self.written:
+                tr.write_line(f"baselines updated: {len(self.written)} file(s) under {self.store.root}")
+            else:
+                tr.write_line("baselines NOT updated (interrupted run, or no passing test recorded a figure)")
+        if self.report_dir is not None:
+            tr.write_line(f"report written to {self.report_dir}")
+
+
+def _outcome(report) -> tuple[str, str] | None:
+    """(outcome, reason) that this phase's report imposes on the test, or None."""
+    if hasattr(report, "wasxfail"):
+        return ("xfailed", report.wasxfail) if report.skipped else ("xpassed", report.wasxfail)
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        return "skipped", reason.removeprefix("Skipped: ")
+    if report.failed:
+        return ("failed" if report.when == "call" else "error"), report.longreprtext.splitlines()[-1][:500] \
+            if report.longreprtext else ""
+    return None
+
