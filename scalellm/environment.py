@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 from functools import lru_cache
@@ -56,6 +57,10 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
 
 
 def git_commit(repo: Path | None = None) -> str | None:
+    """The checkout's commit (``-dirty`` when tracked files changed); SCALELLM_COMMIT names it where
+    the tree travels without its .git (e.g. to a lent GPU machine)."""
+    if os.environ.get("SCALELLM_COMMIT"):
+        return os.environ["SCALELLM_COMMIT"]
     repo = repo or Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
