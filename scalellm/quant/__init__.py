@@ -10,12 +10,17 @@
 from scalellm.quant.blockwise import QuantState4bit, constant_bits_per_parameter, dequantize_4bit, quantize_4bit
 from scalellm.quant.codebooks import codebook
 from scalellm.quant.double_quant import DoubleQuantState
+from scalellm.quant.int8 import Int8State, mixed_precision_matmul, vectorwise_dequantize, vectorwise_quantize
 
 __all__ = [
     "DoubleQuantState",
+    "Int8State",
     "QuantState4bit",
     "codebook",
     "constant_bits_per_parameter",
     "dequantize_4bit",
+    "mixed_precision_matmul",
     "quantize_4bit",
+    "vectorwise_dequantize",
+    "vectorwise_quantize",
 ]

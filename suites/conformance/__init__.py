@@ -1,0 +1,1 @@
+"""Conformance: the reference codecs in scalellm.quant against bitsandbytes, bit for bit."""
