@@ -18,6 +18,7 @@ Public API::
     quantize(x, "Q4_0")              -> uint8, shape (*x.shape[:-1], x.shape[-1] // 32 * 18)
     dequantize(raw, "Q4_0", shape)   -> float32 of `shape`
     block_size(t), type_size(t), bits_per_weight(t), formats()
+    records(raw, "Q4_0")             -> the blocks as numpy records of the C struct (fields d, qs, ...)
 
 Exactness. The results are meant to be bit-identical to ggml's reference, so every float step
 is done in float32 in ggml's order, and three C idioms are reproduced rather than approximated:
@@ -37,9 +38,14 @@ Fragile points of the reference itself (where two honest implementations may dif
   scales that are fp16-subnormal lose precision and scales above 65504 become inf.
 * ggml is compiled without ``-ffp-contract=off``; where the compiler fuses ``a*b + c`` into an FMA
   (e.g. aarch64 builds) the K-quant searches can pick other codes. The reference here never fuses.
-* Signed zeros: ggml's "first absmax" starts from ``+0.0``, so an all-zero Q4_0 block stores
-  ``d = 0/-8 = -0.0`` (bytes ``00 80``); gguf-py takes ``x[0]`` and stores ``+0.0`` when
-  ``x[0]`` is ``-0.0``. Both dequantize to zeros. We follow ggml.
+* Signed zeros (the only places where gguf-py's numpy quantizer and ggml write other bytes):
+  - Q4_0, Q5_0: ggml's "first absmax" starts from ``+0.0``, so an all-zero block (zeros of any
+    sign) stores ``d = +0/-8 = -0.0`` (bytes ``00 80``); gguf-py divides ``x[0]`` instead, so
+    it stores ``+0.0`` (``00 00``) exactly when the block is all zero and ``x[0]`` is ``-0.0``.
+  - Q4_1, Q5_1: ggml's ``if (v < min) min = v`` keeps the *first* zero when the minimum of a
+    block is zero; gguf-py's ``np.min`` returns a zero of unspecified sign, so ``m`` (bytes 2-3)
+    may differ in its sign bit when a block whose minimum is zero holds zeros of both signs.
+  Either way the decoded values are equal (as floats; zeros may differ in sign). We follow ggml.
 * Ties in "first maximum" searches keep the first index (ggml's strict ``>``); so does argmax.
 
 Invalid input (NaN or inf, a row length that is not a multiple of the block, a byte count that
@@ -342,7 +348,8 @@ class BlockFormat:
         if x.shape[-1] % cls.block_size:
             raise ValueError(f"{cls.name}: row length {x.shape[-1]} is not a multiple of the block "
                              f"size {cls.block_size}")
-        x32 = x.astype(_F32)  # ggml quantizes from float32; wider input is rounded first
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
+            x32 = x.astype(_F32)  # ggml quantizes from float32; wider input is rounded first
         finite = np.isfinite(x32)
         if not finite.all():
             where = np.unravel_index(int(np.argmin(finite)), x.shape)
@@ -791,6 +798,18 @@ def type_size(type_name) -> int:
 def bits_per_weight(type_name) -> float:
     """Storage cost including scales, e.g. 4.5 for Q4_0, 6.5625 for Q6_K."""
     return _format(type_name).bits_per_weight()
+
+
+def records(blocks, type_name) -> np.ndarray:
+    """Raw blocks viewed as the format's C struct: (n_blocks,) records with its fields (``d``, ``qs``...).
+
+    A view, not a copy; the byte count must be a whole number of blocks.
+    """
+    fmt = _format(type_name)
+    data = np.frombuffer(blocks, np.uint8) if isinstance(blocks, (bytes, bytearray, memoryview)) else np.asarray(blocks)
+    if data.dtype != np.uint8 or data.size % fmt.type_size:
+        raise ValueError(f"{fmt.name}: {data.size} bytes of {data.dtype} are not whole {fmt.type_size}-byte blocks")
+    return np.ascontiguousarray(data).reshape(-1, fmt.type_size).view(fmt.layout)[:, 0]
 
 
 def quantize(x, type_name) -> np.ndarray:
