@@ -1,4 +1,4 @@
-"""The ``scalellm`` command: ``env``, ``check`` (and, as their issues land, ``plan`` and ``report``)."""
+"""The ``scalellm`` command: ``env``, ``check``, ``plan`` (memory planner) and ``report`` (nightly HTML)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,37 @@ def cmd_check(args, extra: list[str]) -> int:
     return code
 
 
+def cmd_plan(args) -> int:
+    """Predict the peak memory of a model/method/task and say which cards it fits (exit 2 on bad input)."""
+    from scalellm import planner
+
+    try:
+        budget = planner.parse_budget(args.budget) if args.budget is not None else None
+        setting = planner.Setting(method=args.method, task=args.task, seq=args.seq, batch=args.batch,
+                                  rank=args.rank, grad_checkpointing=args.grad_checkpointing,
+                                  optimizer=args.optimizer)
+        result = planner.plan(args.model, setting, budget)
+    except planner.PlanError as exc:
+        print(f"scalellm plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_json(), indent=1, sort_keys=True) if args.json else planner.render(result))
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Render the runs in DIR... into one self-contained HTML page."""
+    from scalellm import html_report
+
+    try:
+        path = html_report.write(args.dirs, Path(args.output) if args.output else None,
+                                 include_fit=not args.no_plan)
+    except ValueError as exc:
+        print(f"scalellm report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalellm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-m", metavar="EXPR", help="further marker expression, e.g. 'nf4 and reference'")
     check.add_argument("--reports", default="reports", metavar="DIR", help="where run folders go (default reports/)")
     check.add_argument("--update-baselines", action="store_true", help="store figures of passing tests as baselines")
+    plan = sub.add_parser("plan", help="predict peak GPU memory of a model/method/task; fit verdict for 8-24 GiB cards")
+    plan.add_argument("model", help="a shape fixture name (fixtures/shapes), a config.json, or a checkpoint directory")
+    plan.add_argument("--method", default="bf16", help="fp32, bf16, fp16, int8, nf4, nf4-dq, fp4, fp4-dq, gptq4 "
+                                                       "or gguf:TYPE (e.g. gguf:Q4_K)")
+    plan.add_argument("--task", default="inference", help="inference, lora, qlora or full")
+    plan.add_argument("--seq", type=int, default=512, help="training sequence length, or for inference the whole "
+                                                          "context (prompt plus generated tokens)")
+    plan.add_argument("--batch", type=int, default=1)
+    plan.add_argument("--rank", type=int, default=16, help="LoRA rank (adapters on every attention and MLP linear)")
+    plan.add_argument("--grad-checkpointing", action="store_true")
+    plan.add_argument("--optimizer", default="adamw", help="adamw or paged_adamw_8bit")
+    plan.add_argument("--budget", default=None, help="your card or memory budget, e.g. 8GiB, 7.5GB")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (key peak_GiB)")
+    rep = sub.add_parser("report", help="render run folders (results.json) into one self-contained HTML page")
+    rep.add_argument("dirs", nargs="+", metavar="DIR", help="run folders, e.g. reports/20261201-*")
+    rep.add_argument("-o", "--output", default=None, help="the HTML file (default: report.html in the last DIR)")
+    rep.add_argument("--no-plan", action="store_true", help="leave out the planner's fit table")
     return parser
 
 
@@ -97,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "env":
         return cmd_env(args)
+    if args.command == "plan":
+        return cmd_plan(args)
+    if args.command == "report":
+        return cmd_report(args)
     return cmd_check(args, extra)
 
 
