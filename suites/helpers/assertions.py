@@ -1,0 +1,123 @@
+"""Named assertions for codec conformance: a failure says *how much* differs, not just "not equal".
+
+Each helper takes the name of the operation first (``"quantize_4bit(nf4, 64)"``), hides its own
+frame from tracebacks (``__tracebackhide__``) and, on failure, reports the diagnostics gguf-py's
+verifier prints: the count and share of differing elements, the worst block (the one holding the
+most differences) and the share of differing bits. An optional ``repro`` string (a line of code
+that rebuilds the input) is appended to the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Difference",
+    "assert_codes_equal",
+    "assert_floats_identical",
+    "assert_within",
+    "compare",
+]
+
+
+@dataclass(frozen=True)
+class Difference:
+    """How two equally long arrays differ."""
+
+    count: int  # elements that differ
+    total: int  # elements compared
+    worst_block: int  # index of the block with the most differing elements (-1 when none differ)
+    worst_block_count: int  # differing elements in that block
+    bit_share: float  # differing bits / all bits compared
+    first: int  # flat index of the first difference (-1 when none differ)
+
+    @property
+    def share(self) -> float:
+        return self.count / self.total if self.total else 0.0
+
+    def describe(self, blocksize: int | None) -> str:
+        where = f"block {self.worst_block} (of {blocksize})" if blocksize else f"block {self.worst_block}"
+        return (f"{self.count} of {self.total} differ ({self.share:.4%}); worst {where} holds "
+                f"{self.worst_block_count}; {self.bit_share:.4%} of bits differ; first at index {self.first}")
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The raw bits of ``a`` as unsigned integers of the same width -> (n,)."""
+    a = np.ascontiguousarray(a).reshape(-1)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def compare(actual: np.ndarray, expected: np.ndarray, blocksize: int | None = None, *,
+            bits: int | None = None, same: np.ndarray | None = None) -> Difference:
+    """Diagnostics of ``actual`` vs ``expected`` (flattened, same length).
+
+    ``bits``: significant bits per element (4 for nibble codes; default: the item width).
+    ``same``: a precomputed (n,) boolean "these elements agree" mask (default: equal bit patterns).
+    """
+    a, e = np.asarray(actual).reshape(-1), np.asarray(expected).reshape(-1)
+    if a.shape != e.shape:
+        raise AssertionError(f"shapes differ: actual {a.shape}, expected {e.shape}")
+    xor = _bits(a) ^ _bits(e.astype(a.dtype, copy=False))
+    diff = ~same.reshape(-1) if same is not None else xor != 0
+    width = bits or 8 * a.dtype.itemsize
+    n_bits = int(np.unpackbits(xor.view(np.uint8)).sum()) if diff.any() else 0
+    per_block = np.add.reduceat(diff.astype(np.int64), np.arange(0, diff.size, blocksize or diff.size or 1)) if diff.size else diff
+    worst = int(per_block.argmax()) if diff.any() else -1
+    return Difference(count=int(diff.sum()), total=int(diff.size), worst_block=worst,
+                      worst_block_count=int(per_block[worst]) if worst >= 0 else 0,
+                      bit_share=n_bits / (width * max(diff.size, 1)),
+                      first=int(np.flatnonzero(diff)[0]) if diff.any() else -1)
+
+
+def _fail(op: str, what: str, diff: Difference, blocksize: int | None, repro: str, extra: str = "") -> None:
+    __tracebackhide__ = True
+    message = f"{op}: {what} differ: {diff.describe(blocksize)}{extra}"
+    if repro:
+        message += f"\nrepro: {repro}"
+    raise AssertionError(message)
+
+
+def assert_codes_equal(op: str, actual: np.ndarray, expected: np.ndarray, blocksize: int | None = None, *,
+                       repro: str = "") -> None:
+    """Two arrays of 4-bit codes (uint8 values < 16, one code per element) are identical."""
+    __tracebackhide__ = True
+    diff = compare(np.asarray(actual, np.uint8), np.asarray(expected, np.uint8), blocksize, bits=4)
+    if diff.count:
+        i = diff.first
+        extra = f" (index {i}: actual code {int(np.ravel(actual)[i])}, expected {int(np.ravel(expected)[i])})"
+        _fail(op, "codes", diff, blocksize, repro, extra)
+
+
+def assert_floats_identical(op: str, actual: np.ndarray, expected: np.ndarray, blocksize: int | None = None, *,
+                            signed_zero: bool = True, repro: str = "") -> None:
+    """Two float arrays are bit-identical (NaN matches NaN). ``signed_zero=False`` lets -0.0 match +0.0."""
+    __tracebackhide__ = True
+    a, e = np.asarray(actual).reshape(-1), np.asarray(expected).reshape(-1)
+    same = (_bits(a) == _bits(e.astype(a.dtype, copy=False))) if a.shape == e.shape else None
+    if same is not None and not signed_zero:
+        same |= (a == 0) & (e == 0)
+    diff = compare(a, e, blocksize, same=same)
+    if diff.count:
+        both = np.isfinite(a) & np.isfinite(e)
+        worst = float(np.max(np.abs(a[both].astype(np.float64) - e[both]), initial=0.0))
+        i = diff.first
+        extra = f"; max |delta| {worst:.6g} (index {i}: actual {a[i]!r}, expected {e[i]!r})"
+        _fail(op, "values", diff, blocksize, repro, extra)
+
+
+def assert_within(op: str, actual: np.ndarray, expected: np.ndarray, bound, blocksize: int | None = None, *,
+                  repro: str = "") -> None:
+    """``|actual - expected| <= bound`` elementwise (``bound`` a scalar or an array of the same shape)."""
+    __tracebackhide__ = True
+    a = np.asarray(actual, np.float64).reshape(-1)
+    e = np.asarray(expected, np.float64).reshape(-1)
+    b = np.broadcast_to(np.asarray(bound, np.float64).reshape(-1) if np.ndim(bound) else bound, a.shape)
+    excess = np.abs(a - e) - b
+    ok = excess <= 0
+    if not ok.all():
+        diff = compare(a, e, blocksize, same=ok)
+        i = int(np.argmax(np.where(ok, -np.inf, excess)))
+        extra = (f"; worst excess {excess[i]:.6g} at index {i}: |{a[i]!r} - {e[i]!r}| > bound {b[i]!r}")
+        _fail(op, "values beyond the bound", diff, blocksize, repro, extra)

@@ -1,0 +1,1 @@
+"""Throughput: codec speed, recorded as repeated samples and compared with baselines."""
