@@ -144,10 +144,12 @@ TEMPLATE = """<!doctype html>
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin:.6em 0;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
+td:nth-child(2){white-space:nowrap}
 th{background:#f0f0f0}
 .fail{background:#fdd}.new{background:#ffd}.pass{background:#dfd}.updated{background:#def}
 .yes{color:#060}.no{color:#a00;font-weight:bold}
 .envdiff{font-size:12px;color:#600}
+.glance span{padding:2px 8px;margin-right:4px;font-weight:bold}
 .trends{display:flex;flex-wrap:wrap;gap:8px}
 .trend{border:1px solid #ddd;padding:4px;font-size:11px;max-width:300px}
 </style></head><body>
@@ -158,9 +160,11 @@ Latest: tests {% for k, n in counts.items() %}{{ n }} {{ k }}{% if not loop.last
 {% if interrupted %}<p><b>The latest run was interrupted: no baseline was written.</b></p>{% endif %}
 
 <h2 id="status">Status against baselines</h2>
+<p class="glance">{% for k, n in status_counts.items() %}<span class="{{ k }}">{{ n }} {{ k|upper }}</span> {% endfor %}
+{% if flagged %}<span class="fail">{{ flagged }} run-over-run regression(s)</span>{% endif %}</p>
 <p>Regression rule for repeated samples: {{ rule }}</p>
-{% if rows %}
-<table id="status-table">
+{% macro status_table(rows, id) %}
+<table id="{{ id }}">
 <tr><th>status</th><th>device class</th><th>test</th><th>metric</th><th>measured</th><th>baseline</th><th>unit</th>
 <th>better</th><th>run-over-run rule</th><th>environment differences (baseline &rarr; run)</th></tr>
 {% for r in rows %}
@@ -171,7 +175,12 @@ Latest: tests {% for k, n in counts.items() %}{{ n }} {{ k }}{% if not loop.last
 {% elif r.status == 'fail' %}same as the baseline's{% endif %}</td></tr>
 {% endfor %}
 </table>
-{% else %}<p>No figures recorded.</p>{% endif %}
+{% endmacro %}
+{% if attention %}<h3>Needs a look: failed, new, or flagged by the run-over-run rule</h3>
+{{ status_table(attention, "status-table") }}{% endif %}
+{% if passing %}<details{% if not attention %} open{% endif %}><summary>{{ passing|length }} figure(s) within their tolerance</summary>
+{{ status_table(passing, "passing-table" if attention else "status-table") }}</details>{% endif %}
+{% if not attention and not passing %}<p>No figures recorded.</p>{% endif %}
 
 <h2 id="trends">Trends over the runs</h2>
 <div class="trends">
@@ -219,8 +228,16 @@ def render(entries: list[RunEntry], *, fit_models=None, include_fit: bool = True
     rule = (f"ratio of medians with a {stats.CONFIDENCE:.0%} percentile bootstrap interval "
             f"({stats.BOOTSTRAP_RESAMPLES} resamples, seed {stats.SEED}); a regression only when the "
             "whole interval lies beyond the figure's relative tolerance (scalellm.stats)")
+    rows = status_rows(entries)
+    settled = ("pass", "updated")  # inside tolerance, or just written as the new baseline
+    attention = [r for r in rows if r["status"] not in settled or r["rule_flagged"]]
+    passing = [r for r in rows if r["status"] in settled and not r["rule_flagged"]]
+    status_counts: dict[str, int] = {}
+    for r in rows:
+        status_counts[r["status"]] = status_counts.get(r["status"], 0) + 1
     return template.render(
-        runs=entries, counts=latest.outcome_counts(), interrupted=latest.interrupted, rows=status_rows(entries),
+        runs=entries, counts=latest.outcome_counts(), interrupted=latest.interrupted, attention=attention,
+        passing=passing, status_counts=status_counts, flagged=sum(r["rule_flagged"] for r in rows),
         plots=trend_plots(entries), quality=quality_table(latest.metrics), rule=rule,
         fit=fit_rows(fit_models) if include_fit else [], cards=[f"{g} GiB" for g in planner.CARDS_GIB],
         env=latest.environment, fmt=_fmt)
