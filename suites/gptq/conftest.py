@@ -1,0 +1,163 @@
+"""Fixtures of the GPTQ suite: the real model, calibration and evaluation tokens, quantized copies.
+
+Calibration and evaluation never share text: calibration is the instruction set
+(``scalellm.text.instruction_set``: docstrings of ``INSTRUCT_MODULES``), evaluation the first
+``EVAL_TOKENS`` of ``scalellm.text.eval_corpus`` (docstrings of the disjoint ``EVAL_MODULES``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from scalellm import models, quality, text
+from suites.helpers.packages import need
+
+#: Calibration: 16 sequences of 128 tokens = 2,048 tokens. The paper uses 128 x 2,048 tokens of C4
+#: (§5); that costs minutes per forward pass on 2 CPU cores. 2,048 tokens already give every
+#: Hessian full rank (the widest input, down_proj, has 1,536 columns) and, measured here, GPTQ's
+#: advantage over RTN on every layer.
+CALIB_SEQUENCES = 16
+CALIB_LENGTH = 128
+#: Decoder layers quantized in the real-model runs: every 6th of SmolLM2's 30, spread over depth.
+#: All 30 cost ~10 min per configuration here (measured: ~4 s of column loop per layer plus two
+#: layer passes over the calibration tokens, on 2 busy cores); five keep the suite in budget, and
+#: quantizing a fifth of the layers still moves KLD far above fp32's noise. ``None`` = all.
+QUANT_LAYERS = (0, 6, 12, 18, 24)
+#: Evaluation: two windows of 512 tokens (quality.WINDOW) of the evaluation corpus.
+EVAL_TOKENS = 1024
+WINDOW = quality.WINDOW
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One quantization of the real model's decoder linears."""
+
+    method: str  # "gptq" | "rtn" (scalellm.quant.gptq.quantize_model)
+    bits: int
+    group_size: int = 128
+    sym: bool = True  # GPTQModel's and transformers GPTQConfig's default
+    act_order: bool = False  # GPTQConfig's default desc_act=False
+
+    @property
+    def name(self) -> str:
+        """Method name in the cross-method table: ``gptq-4bit-g128``."""
+        return f"{self.method}-{self.bits}bit-g{self.group_size}{'-act' if self.act_order else ''}"
+
+
+@pytest.fixture(scope="session")
+def gptq_checkpoint(model_path):
+    """``--model PATH`` or the converted SmolLM2 fp32 checkpoint (skip if not installed)."""
+    need("transformers")
+    try:
+        return models.resolve_checkpoint(model_path)
+    except models.ModelNotFound as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def gptq_tokenizer(gptq_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gptq_checkpoint.path, local_files_only=True)
+
+
+def calibration_ids(tokenizer, sequences: int = CALIB_SEQUENCES, length: int = CALIB_LENGTH):
+    """(sequences, length) int64 token ids of the instruction set, prompt and answer, concatenated."""
+    import torch
+
+    examples, _ = text.instruction_set()
+    joined = "\n\n".join(f"{e['prompt']}\n{e['response']}" for e in examples)
+    ids = tokenizer(joined, add_special_tokens=False)["input_ids"]
+    if len(ids) < sequences * length:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than {sequences * length}")
+    return torch.tensor(ids[: sequences * length]).reshape(sequences, length)
+
+
+@pytest.fixture(scope="session")
+def calib_ids(gptq_tokenizer):
+    return calibration_ids(gptq_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def eval_ids(gptq_tokenizer) -> list[int]:
+    return text.eval_corpus(gptq_tokenizer, EVAL_TOKENS).ids
+
+
+def load_fp32(path, device: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", local_files_only=True)
+    return model.to(device).eval()
+
+
+def rtn_layers(model, spec: Spec, layers) -> list:
+    """Round-to-nearest every linear of decoder ``layers`` in place (no calibration, no reports)."""
+    import torch
+
+    from scalellm.quant.rtn import rtn_quantize_linear
+
+    with torch.no_grad():
+        for index in layers:
+            for module in model.model.layers[index].modules():
+                if isinstance(module, torch.nn.Linear):
+                    Q = rtn_quantize_linear(module.weight.data, spec.bits, spec.group_size, spec.sym)[0]
+                    module.weight.data = Q.to(module.weight.dtype)
+    return []
+
+
+@dataclass
+class Run:
+    """What one quantization of the real model gave."""
+
+    spec: Spec
+    quality: quality.Quality  # against the fp32 reference on eval_ids
+    reports: list  # scalellm.quant.gptq.LinearReport per linear (GPTQ only)
+    seconds: float  # wall time of quantize_model
+
+
+class RealModelRuns:
+    """Each Spec quantized and evaluated once per (device, spec); fp32 reference logits per device."""
+
+    def __init__(self, path, calib_ids, eval_ids):
+        self.path, self.calib_ids, self.eval_ids = path, calib_ids, eval_ids
+        self._reference: dict[str, list] = {}
+        self._runs: dict[tuple[str, Spec], Run] = {}
+
+    def reference(self, device: str) -> list:
+        if device not in self._reference:
+            model = load_fp32(self.path, device)
+            self._reference[device] = quality.reference_logits(model, self.eval_ids, device, WINDOW)
+        return self._reference[device]
+
+    def run(self, device: str, spec: Spec) -> Run:
+        key = (device, spec)
+        if key not in self._runs:
+            from scalellm.quant.gptq import quantize_model
+
+            reference = self.reference(device)
+            model = load_fp32(self.path, device)
+            start = time.perf_counter()
+            if spec.method == "rtn":  # needs no calibration pass: round the weights where they are
+                reports = rtn_layers(model, spec, QUANT_LAYERS)
+            else:
+                reports = quantize_model(model, self.calib_ids, bits=spec.bits, group_size=spec.group_size,
+                                         sym=spec.sym, act_order=spec.act_order, layers=QUANT_LAYERS)
+            seconds = time.perf_counter() - start
+            q = quality.compare(model, self.eval_ids, reference, device, WINDOW)
+            self._runs[key] = Run(spec, q, reports, seconds)
+            del model
+        return self._runs[key]
+
+
+@pytest.fixture(scope="session")
+def real_runs(gptq_checkpoint, calib_ids, eval_ids):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    runs = RealModelRuns(gptq_checkpoint.path, calib_ids, eval_ids)
+    yield runs
+    runs._reference.clear()
+    runs._runs.clear()
