@@ -15,6 +15,7 @@ INSTALL_HINTS = {
     "gptqmodel": "pip install gptqmodel==7.6.0 optimum==2.3.0  (7.7 needs torch>=2.14.1; set GPTQMODEL_CPU_WORKERS=2 "
                  "on 2 cores)",
     "optimum": "pip install optimum==2.3.0",
+    "trl": "pip install trl  (pulls datasets/pyarrow; SFTTrainer fails with pyarrow 26 as of trl 1.16)",
     "pytest_benchmark": "pip install pytest-benchmark",
     "jinja2": "pip install jinja2",
     "matplotlib": "pip install matplotlib",

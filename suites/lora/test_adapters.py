@@ -1,0 +1,53 @@
+"""Adapters: the trainable-parameter count is LoRA's r*(in+out) over the targeted linears (Hu et al.
+2021 §4.1), only adapters train, and a saved adapter reloads onto a fresh 4-bit base bit-for-bit."""
+
+from __future__ import annotations
+
+import pytest
+
+from scalellm import lora_math, shapes, train
+from scalellm.baselines import Tolerance
+from suites.helpers.packages import need
+from suites.lora.conftest import config_for
+
+pytestmark = [pytest.mark.lora, pytest.mark.nf4, pytest.mark.reference]
+
+#: Shapes whose LoRA count is checked on the meta device (free at any size); gpt2 is left out: its
+#: Conv1D layers are not nn.Linear.
+COUNT_SHAPES = ("smollm2-135m", "pythia-410m", "llama-2-7b", "mistral-7b")
+COUNT_RANKS = (8,)
+#: Adapter file size vs baseline: fp32 tensors + safetensors header; exact for a fixed model and rank.
+SIZE_TOL = Tolerance(rel=0.01, why="safetensors header and metadata may change by a few bytes")
+
+
+@pytest.mark.parametrize("rank", COUNT_RANKS)
+@pytest.mark.parametrize("shape", COUNT_SHAPES)
+def test_trainable_count_is_r_times_in_plus_out(shape, rank):
+    need("peft")
+    model = shapes.random_model(shape, device="meta")
+    expected = lora_math.lora_parameter_count(lora_math.targeted_linears(model), rank)
+    peft_model = train.add_lora(model, train.TrainConfig(rank=rank, gradient_checkpointing=False))
+    assert train.trainable_parameters(peft_model) == expected
+
+
+def test_only_adapters_train(trained, device):
+    model, _, result = trained
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_A" in n or "lora_B" in n for n in names), names[:5]
+    assert result.trainable_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_saved_adapter_reloads_identical_logits(trained, checkpoint, device, tmp_path, record_metric):
+    import torch
+    from peft import PeftModel
+
+    model, tokenizer, _ = trained
+    model.save_pretrained(tmp_path)
+    size = sum(p.stat().st_size for p in tmp_path.glob("adapter_model.*"))
+    record_metric("adapter_bytes", size, unit="bytes", better="equal", tolerance=SIZE_TOL)
+    base, _ = train.load_base(checkpoint, config_for(device), device)
+    reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    x = train.split_data(tokenizer, config_for(device))[1][:1].to(device)  # (1, seq) held-out block
+    want = train.no_repack_forward(model, x).logits
+    got = train.no_repack_forward(reloaded, x).logits
+    assert torch.equal(got, want), f"max |dlogit| {(got - want).abs().max().item():.3g}"
