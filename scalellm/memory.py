@@ -135,19 +135,26 @@ class cuda_cap:
         self.cap_bytes = int(cap_bytes)
         self.device = device
 
+    def _index(self) -> int:
+        """The device index: set_per_process_memory_fraction refuses a bare "cuda"."""
+        import torch
+
+        index = torch.device(self.device).index
+        return torch.cuda.current_device() if index is None else index
+
     def __enter__(self):
         import torch
 
-        total = torch.cuda.get_device_properties(self.device).total_memory
+        total = torch.cuda.get_device_properties(self._index()).total_memory
         if self.cap_bytes > total:
             raise ValueError(f"cap {self.cap_bytes} exceeds the device's {total} bytes")
-        torch.cuda.set_per_process_memory_fraction(self.cap_bytes / total, self.device)
+        torch.cuda.set_per_process_memory_fraction(self.cap_bytes / total, self._index())
         return self
 
     def __exit__(self, *exc):
         import torch
 
-        torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+        torch.cuda.set_per_process_memory_fraction(1.0, self._index())
         return False
 
 

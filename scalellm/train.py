@@ -116,14 +116,12 @@ def batches(blocks, config: TrainConfig):
 # ---------------------------------------------------------------- model
 
 
-def add_lora(model, config: TrainConfig):
-    """``prepare_model_for_kbit_training`` (quantized bases) + peft LoRA -> a ``PeftModel``.
-
-    The adapter's B starts at zero (peft's default, Hu et al. 2021 §4.1), so the wrapped model
-    computes exactly what the base computes until the first update.
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def prepare_base(model, config: TrainConfig):
+    """Freeze the base as training expects it: ``prepare_model_for_kbit_training`` for quantized
+    bases (it also upcasts the non-quantized parameters, embeddings, norms and ``lm_head``, to
+    float32), plain freezing otherwise; gradient checkpointing as configured. An adapter reloaded
+    for inference must sit on a base prepared the same way to compute the same logits."""
+    from peft import prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # freezes the base, upcasts non-quantized parameters to float32, enables checkpointing
@@ -135,6 +133,19 @@ def add_lora(model, config: TrainConfig):
             p.requires_grad_(False)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def add_lora(model, config: TrainConfig):
+    """:func:`prepare_base` + peft LoRA -> a ``PeftModel``.
+
+    The adapter's B starts at zero (peft's default, Hu et al. 2021 §4.1), so the wrapped model
+    computes exactly what the base computes until the first update.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = prepare_base(model, config)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(config.seed)  # A is drawn from torch's global generator (kaiming uniform)

@@ -46,7 +46,7 @@ def test_saved_adapter_reloads_identical_logits(trained, checkpoint, device, tmp
     size = sum(p.stat().st_size for p in tmp_path.glob("adapter_model.*"))
     record_metric("adapter_bytes", size, unit="bytes", better="equal", tolerance=SIZE_TOL)
     base, _ = train.load_base(checkpoint, config_for(device), device)
-    reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    reloaded = PeftModel.from_pretrained(train.prepare_base(base, config_for(device)), tmp_path).eval()
     x = train.split_data(tokenizer, config_for(device))[1][:1].to(device)  # (1, seq) held-out block
     want = train.no_repack_forward(model, x).logits
     got = train.no_repack_forward(reloaded, x).logits
