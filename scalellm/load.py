@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 #: LLM.int8 outlier threshold (Dettmers et al. 2022, §3.3: "a threshold of 6.0 is sufficient").
@@ -82,6 +82,9 @@ class Loaded:
     parameter_bytes: int  # bytes of all parameters (tied tensors once), as held on the device
     buffer_bytes: int  # bytes of all buffers (e.g. rotary tables)
     load_seconds: float
+    #: :func:`held_bytes` right after the load, before any forward: bnb's CPU backend repacks 4-bit
+    #: weights at the first forward on AVX512-BF16 machines (absmax to bfloat16, double quant undone).
+    held: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -145,16 +148,23 @@ def _quant_tensors(module):
       ``int8_vectorwise_quant(W.half())``); ``weight.CB`` is the same storage as ``weight.data``.
       ``module.state.SCB`` is None for an inference model (it is filled only during a forward with
       ``has_fp16_weights=True``).
+
+    After the first forward on an AVX512-BF16 CPU, bnb repacks a ``Linear4bit``
+    (``quant_state.packing_format_for_cpu``): ``absmax`` becomes bfloat16 of shape
+    (in/blocksize, out), double quant is undone (``state2`` dropped, ``offset`` kept), and the
+    packed weight is reshaped to (out, in/2) with the same bytes.
     """
     weight = getattr(module, "weight", None)
     state = getattr(weight, "quant_state", None)
     if state is not None:
         yield "quant_constants", state.absmax
         yield "code_tables", state.code
-        if state.nested:
+        if state.offset is not None:  # double quant; bnb's CPU repack keeps it after undoing DQ
             yield "quant_constants", state.offset
-            yield "quant_constants", state.state2.absmax
-            yield "code_tables", state.state2.code
+        state2 = getattr(state, "state2", None)
+        if state2 is not None:
+            yield "quant_constants", state2.absmax
+            yield "code_tables", state2.code
     for name in ("CB", "SCB"):
         t = getattr(weight, name, None)
         if t is not None:
@@ -258,7 +268,7 @@ def load(checkpoint: str | os.PathLike, method_name: str = "fp32", device: str =
     params, buffers = tensor_bytes(model)
     info = Loaded(method=m.name, device=device, compute_dtype=compute_dtype, checkpoint=str(checkpoint),
                   quantized_linears=count_quantized_linears(model), parameter_bytes=params,
-                  buffer_bytes=buffers, load_seconds=seconds)
+                  buffer_bytes=buffers, load_seconds=seconds, held=held_bytes(model))
     return model, info
 
 
