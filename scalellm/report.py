@@ -7,6 +7,7 @@ from pathlib import Path
 
 from scalellm.baselines import write_atomic
 from scalellm.results import Run
+from scalellm.tables import cross_method_table
 
 STATUS_ORDER = ("fail", "new", "updated", "pass")
 
@@ -28,7 +29,7 @@ METRIC_HEADER = ["status", "device class", "test", "metric", "measured", "baseli
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(cell.replace("|", "\\|") for cell in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -52,6 +53,9 @@ def summary_markdown(run: Run) -> str:
     failed = [t for t in run.tests if t["outcome"] in ("failed", "error", "xpassed")]
     if failed:
         parts += ["## Failures", ""] + [f"- `{t['nodeid']}` ({t['outcome']}): {t['reason']}" for t in failed] + [""]
+    header, rows = cross_method_table(run.metrics)
+    if rows:
+        parts += ["## Cross-method quality (real model)", "", markdown_table(header, rows), ""]
     parts += ["## Figures", ""]
     parts += [markdown_table(METRIC_HEADER, metric_rows(run)) if run.metrics else "No figures recorded.", ""]
     new = [m for m in run.metrics if m["status"] == "new"]
@@ -78,4 +82,6 @@ def write_summary(directory: Path, run: Run) -> Path:
 def terminal_summary(run: Run) -> str:
     counts = ", ".join(f"{n} {k}" for k, n in run.outcome_counts().items())
     table = text_table(METRIC_HEADER, metric_rows(run)) if run.metrics else "no figures recorded"
-    return f"{table}\n\ntests: {counts}"
+    header, rows = cross_method_table(run.metrics)
+    quality = f"\n\ncross-method quality (real model)\n{text_table(header, rows)}" if rows else ""
+    return f"{table}{quality}\n\ntests: {counts}"
