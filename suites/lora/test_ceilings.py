@@ -61,8 +61,10 @@ EXPECTED_FIT = {
 #: (cuBLAS/SDPA) choices changing with a driver or library update.
 PEAK_TOL = Tolerance(rel=0.02, why="deterministic allocator; workspace choices may shift a little")
 #: After a case, allocated memory must be back to what the model holds (base, injected adapters,
-#: upcast embeddings) plus this slack for allocator rounding and small cached tensors (rotary tables, masks).
-FREED_SLACK_BYTES = 64 << 20
+#: upcast embeddings) plus this slack: the cuBLAS/cuBLASLt workspaces that torch allocates through its
+#: caching allocator on the first matmuls and keeps for the process (the planner's calibration: 64 MiB
+#: in training) and small cached tensors. Measured excess on the H100: 79-81 MB in every case (N=18).
+FREED_SLACK_BYTES = 128 << 20
 
 _REPORT: list[dict] = []
 
