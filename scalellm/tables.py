@@ -20,6 +20,7 @@ COLUMNS = {
     "dlogit_p999": "p99.9 |Δlogit|",
     "prefill_tok_s": "prefill tok/s",
     "decode_tok_s": "decode tok/s",
+    "decode_share_of_bound": "decode / bandwidth bound",
 }
 SEPARATOR = ":"
 
@@ -40,7 +41,7 @@ def parse_name(name: str) -> tuple[str, str] | None:
 
 
 def _format(quantity: str, value: float) -> str:
-    if quantity == "top1_agreement":
+    if quantity in ("top1_agreement", "decode_share_of_bound"):
         return f"{100 * value:.1f}%"
     if quantity == "bytes_per_param":
         return f"{value:.3f}"

@@ -19,7 +19,7 @@ def test_rows_follow_method_order_and_missing_cells_show_a_dash():
                _metric("kld_mean:fp32", 0.0), _metric("top1_agreement:nf4-dq", 0.75),
                _metric("load_peak_rss:fp32", 1e8)]  # not a table quantity: ignored
     header, rows = tables.cross_method_table(metrics)
-    assert header[:3] == ["device", "method", "bytes/param"] and header[-1] == "decode tok/s"
+    assert header[:3] == ["device", "method", "bytes/param"] and header[-2:] == ["decode tok/s", "decode / bandwidth bound"]
     assert [r[1] for r in rows] == ["fp32", "nf4-dq"]
     fp32, nf4 = ({h: c for h, c in zip(header, r)} for r in rows)
     assert fp32["perplexity"] == "14.30" and fp32["KLD"] == "0.0000" and fp32["top-1"] == "-"
