@@ -159,3 +159,25 @@ def record_metric(request):
 def model_path(request):
     """A user's local checkpoint given with --model, or None for the shipped SmolLM2 fixture."""
     return request.config.getoption("model_path")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(model_path):
+    """The real model as a :class:`scalellm.models.Checkpoint`: ``--model PATH`` or the converted
+    SmolLM2 (converted once, cached); skips with the install hint when the package is missing."""
+    from scalellm import models
+    from suites.helpers.packages import need
+
+    need("transformers")
+    try:
+        return models.resolve_checkpoint(model_path)
+    except models.ModelNotFound as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(checkpoint):
+    """The real model's tokenizer, from its local directory."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint.path, local_files_only=True)

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from scalellm import models, quality, text
-from suites.helpers.packages import need
+from scalellm import quality, text
 
 #: Calibration: 16 sequences of 128 tokens = 2,048 tokens. The paper uses 128 x 2,048 tokens of C4
 #: (§5); that costs minutes per forward pass on 2 CPU cores. 2,048 tokens already give every
@@ -47,23 +46,6 @@ class Spec:
         return f"{self.method}-{self.bits}bit-g{self.group_size}{'-act' if self.act_order else ''}"
 
 
-@pytest.fixture(scope="session")
-def gptq_checkpoint(model_path):
-    """``--model PATH`` or the converted SmolLM2 fp32 checkpoint (skip if not installed)."""
-    need("transformers")
-    try:
-        return models.resolve_checkpoint(model_path)
-    except models.ModelNotFound as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="session")
-def gptq_tokenizer(gptq_checkpoint):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gptq_checkpoint.path, local_files_only=True)
-
-
 def calibration_ids(tokenizer, sequences: int = CALIB_SEQUENCES, length: int = CALIB_LENGTH):
     """(sequences, length) int64 token ids of the instruction set, prompt and answer, concatenated."""
     import torch
@@ -77,13 +59,13 @@ def calibration_ids(tokenizer, sequences: int = CALIB_SEQUENCES, length: int = C
 
 
 @pytest.fixture(scope="session")
-def calib_ids(gptq_tokenizer):
-    return calibration_ids(gptq_tokenizer)
+def calib_ids(tokenizer):
+    return calibration_ids(tokenizer)
 
 
 @pytest.fixture(scope="session")
-def eval_ids(gptq_tokenizer) -> list[int]:
-    return text.eval_corpus(gptq_tokenizer, EVAL_TOKENS).ids
+def eval_ids(tokenizer) -> list[int]:
+    return text.eval_corpus(tokenizer, EVAL_TOKENS).ids
 
 
 def load_fp32(path, device: str):
@@ -153,11 +135,11 @@ class RealModelRuns:
 
 
 @pytest.fixture(scope="session")
-def real_runs(gptq_checkpoint, calib_ids, eval_ids):
+def real_runs(checkpoint, calib_ids, eval_ids):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    runs = RealModelRuns(gptq_checkpoint.path, calib_ids, eval_ids)
+    runs = RealModelRuns(checkpoint.path, calib_ids, eval_ids)
     yield runs
     runs._reference.clear()
     runs._runs.clear()

@@ -59,29 +59,29 @@ def probe_weight(module, in_features: int, device):
 
 
 @pytest.fixture(scope="session")
-def library_model(gptqmodel, gptq_checkpoint, gptq_tokenizer, calib_ids, tmp_path_factory):
+def library_model(gptqmodel, checkpoint, tokenizer, calib_ids, tmp_path_factory):
     """The real model quantized by transformers ``GPTQConfig`` (through gptqmodel) on cpu, saved."""
     import torch
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    texts = [gptq_tokenizer.decode(row) for row in calib_ids]
+    texts = [tokenizer.decode(row) for row in calib_ids]
     config = GPTQConfig(bits=BITS, group_size=GROUP_SIZE, sym=True, desc_act=False, damp_percent=DAMP,
-                        dataset=texts, tokenizer=gptq_tokenizer, model_seqlen=CALIB_LENGTH)
-    model = AutoModelForCausalLM.from_pretrained(gptq_checkpoint.path, quantization_config=config,
+                        dataset=texts, tokenizer=tokenizer, model_seqlen=CALIB_LENGTH)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint.path, quantization_config=config,
                                                  device_map="cpu", dtype=torch.float32, local_files_only=True)
     saved = tmp_path_factory.mktemp("gptq-library")
     model.save_pretrained(saved)
-    gptq_tokenizer.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
     return model.eval(), saved
 
 
-def test_library_layer_error_agrees_with_reference(library_model, gptq_checkpoint, calib_ids, record_metric):
+def test_library_layer_error_agrees_with_reference(library_model, checkpoint, calib_ids, record_metric):
     import torch
 
     from scalellm.quant.gptq import linear_hessians, quantize_model, reconstruction_error
 
     library, _ = library_model
-    fp32 = load_fp32(gptq_checkpoint.path, "cpu")
+    fp32 = load_fp32(checkpoint.path, "cpu")
     hessians = linear_hessians(fp32, calib_ids, list(QUANT_LAYERS))
     originals = {name: fp32.get_submodule(name).weight.detach().clone() for name in hessians}
     quantize_model(fp32, calib_ids, bits=BITS, group_size=GROUP_SIZE, sym=True, damp=DAMP, layers=QUANT_LAYERS)

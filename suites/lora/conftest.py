@@ -25,17 +25,11 @@ def config_for(device: str) -> train.TrainConfig:
 
 
 @pytest.fixture(scope="session")
-def checkpoint(model_path):
-    """Local HF directory of the real model (SmolLM2 unless --model); skips without the stack."""
+def checkpoint(checkpoint):
+    """The real model's local HF directory (the root fixture's path); skips without peft or bnb."""
     need("peft")
     need("bitsandbytes")
-    need("transformers")
-    from scalellm.models import ModelNotFound, resolve_checkpoint
-
-    try:
-        return resolve_checkpoint(model_path).path
-    except ModelNotFound as exc:
-        pytest.skip(str(exc))
+    return checkpoint.path
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from scalellm import load, models, quality, text
+from scalellm import load, quality, text
 from suites.helpers.packages import need
 from suites.model import COMPUTE_DTYPE
 
@@ -13,23 +13,6 @@ from suites.model import COMPUTE_DTYPE
 #: orientation figures were measured on the same budget and window).
 EVAL_TOKENS = text.EVAL_TOKENS
 WINDOW = quality.WINDOW
-
-
-@pytest.fixture(scope="session")
-def checkpoint(model_path):
-    """The checkpoint under test: ``--model PATH`` or the converted SmolLM2 (skip if not installed)."""
-    need("transformers")
-    try:
-        return models.resolve_checkpoint(model_path)
-    except models.ModelNotFound as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(checkpoint):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(checkpoint.path, local_files_only=True)
 
 
 @pytest.fixture(scope="session")
