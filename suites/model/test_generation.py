@@ -31,6 +31,10 @@ THROUGHPUT_TOL = {
 }
 #: The prompt whose greedy answer the FINDINGS record for every method on cpu (" Paris.").
 FACT_PROMPT, FACT_ANSWER = "The capital of France is", "Paris"
+#: A decode speed can't beat reading its bytes once per token; the copy bandwidth is measured once
+#: per run, under whatever load the machine has then, so allow it to read 50% low before calling the
+#: figure impossible (a share above this means the byte count or the bandwidth is wrong).
+BOUND_SLACK = 1.5
 
 
 @pytest.mark.quality
@@ -114,7 +118,7 @@ def test_prefill_and_decode_throughput(method_name, device, models_cache, tokeni
     shares = [roofline.fraction_of_bound(t, bytes_per_token, bandwidth) for t in decode]
     record_metric(tables.metric_name("decode_share_of_bound", method_name), sorted(shares)[SAMPLES // 2],
                   unit="fraction", better="higher", tolerance=tolerance, samples=shares)
-    assert all(0 < share < 1 for share in shares), f"decode beyond its bandwidth bound: {shares}"
+    assert all(0 < share < BOUND_SLACK for share in shares), f"decode beyond its bandwidth bound: {shares}"
 
 
 def kv_cache_bytes_per_token(config, dtype) -> int:
