@@ -22,6 +22,10 @@ STEP_TOL = {"cpu": Tolerance(rel=0.5, why="shared 2-core CI box: measured 2x spr
 #: Trainer speed / bare-loop speed. The issue's target is 0.97; on CUDA that is asserted. On a shared
 #: CPU paired steps differ by tens of percent from load alone, so only a gross overhead (>25%) fails.
 MIN_SPEED_RATIO = {"cpu": 0.75, "gpu": 0.97}
+#: The ratio against its baseline (noise-aware rule): cpu pairs spread 0.79-1.04 under load (N=4);
+#: on the H100 the median was 1.085 (N=8).
+RATIO_TOL = {"cpu": Tolerance(rel=0.25, why="shared 2-core box: paired ratios spread 0.79-1.04"),
+             "gpu": Tolerance(rel=0.10, why="dedicated GPU; step-level noise only")}
 #: Interleaved (trainer, bare) step pairs; the first pair is warm-up and dropped.
 PAIRS = 9
 
@@ -70,7 +74,7 @@ def test_trainer_keeps_pace_with_bare_loop(checkpoint, device, record_metric):
     ratios, trainer_s, bare_s = ratios[1:], trainer_s[1:], bare_s[1:]
     ratio = statistics.median(ratios)
     record_metric("trainer_over_bare_speed", ratio, unit="x", better="higher",
-                  tolerance=Tolerance(abs=1 - MIN_SPEED_RATIO[_kind(device)], why="see MIN_SPEED_RATIO"),
+                  tolerance=RATIO_TOL[_kind(device)],
                   samples=ratios)
     # The noise-aware rule (scalellm.stats): slower only when the whole bootstrap interval of
     # median(bare time) / median(trainer time) lies below the target.

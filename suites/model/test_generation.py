@@ -35,6 +35,10 @@ FACT_PROMPT, FACT_ANSWER = "The capital of France is", "Paris"
 #: per run, under whatever load the machine has then, so allow it to read 50% low before calling the
 #: figure impossible (a share above this means the byte count or the bandwidth is wrong).
 BOUND_SLACK = 1.5
+#: The share of the bound inherits the bandwidth measurement's noise, which the decode samples do
+#: not show. On cpu the copy rate of a 64 MiB buffer ranged 5.6-42 GB/s between runs on this shared
+#: 2-core box (cache-resident or not, load): there the share is reported for reading, barely gated.
+SHARE_TOL = {"cpu": Tolerance(rel=0.9, why="cpu copy bandwidth swung 5.6-42 GB/s between runs; for reading")}
 
 
 @pytest.mark.quality
@@ -117,8 +121,10 @@ def test_prefill_and_decode_throughput(method_name, device, models_cache, tokeni
     bandwidth = roofline.measure(device).copy_bytes_per_s
     shares = [roofline.fraction_of_bound(t, bytes_per_token, bandwidth) for t in decode]
     record_metric(tables.metric_name("decode_share_of_bound", method_name), sorted(shares)[SAMPLES // 2],
-                  unit="fraction", better="higher", tolerance=tolerance, samples=shares)
-    assert all(0 < share < BOUND_SLACK for share in shares), f"decode beyond its bandwidth bound: {shares}"
+                  unit="fraction", better="higher", tolerance=SHARE_TOL.get(device, tolerance), samples=shares)
+    assert all(share > 0 for share in shares)
+    if device != "cpu":  # a CPU's "bandwidth" depends on how much of the buffer its caches hold
+        assert all(share < BOUND_SLACK for share in shares), f"decode beyond its bandwidth bound: {shares}"
 
 
 def kv_cache_bytes_per_token(config, dtype) -> int:
