@@ -128,6 +128,17 @@ def measure_inference(model, seq: int, batch: int) -> dict:
     return result
 
 
+def check_prediction(record_metric, case: str, predicted: float, measured: dict, held_when: str) -> None:
+    """Record the relative error of a predicted peak and hold it to TARGET_REL_ERROR."""
+    error = predicted / measured["peak"] - 1.0
+    record_metric("peak_rel_error", error, unit="1", better="equal", tolerance=ERROR_DRIFT)
+    record_metric("measured_peak_GiB", measured["peak"] / planner.GIB, unit="GiB", better="lower",
+                  tolerance=Tolerance(rel=0.05, why="same stack, same shapes: the peak moves only with a library"))
+    assert abs(error) <= TARGET_REL_ERROR, (
+        f"{case}: predicted {predicted / planner.GIB:.3f} GiB, measured {measured['peak'] / planner.GIB:.3f} GiB "
+        f"({error:+.1%}); {held_when} {measured['held'] / planner.GIB:.3f} GiB")
+
+
 def measure_qlora(model, seq: int, batch: int, checkpointing: bool, rank: int = LORA_RANK) -> dict:
     import torch
 
@@ -177,14 +188,8 @@ def test_inference_peak_is_predicted_within_target(device, record_metric, model_
     model = build(model_name, method)
     measured = measure_inference(model, seq, batch)
     _free(model)
-    error = predicted / measured["peak"] - 1.0
-    record_metric("peak_rel_error", error, unit="1", better="equal", tolerance=ERROR_DRIFT)
-    record_metric("measured_peak_GiB", measured["peak"] / planner.GIB, unit="GiB", better="lower",
-                  tolerance=Tolerance(rel=0.05, why="same stack, same shapes: the peak moves only with a library"))
-    assert abs(error) <= TARGET_REL_ERROR, (
-        f"{model_name} {method} inference seq {seq} batch {batch}: predicted {predicted / planner.GIB:.3f} GiB, "
-        f"measured {measured['peak'] / planner.GIB:.3f} GiB ({error:+.1%}); held before the prefill "
-        f"{measured['held'] / planner.GIB:.3f} GiB")
+    check_prediction(record_metric, f"{model_name} {method} inference seq {seq} batch {batch}", predicted,
+                     measured, "held before the prefill")
 
 
 @pytest.mark.lora
@@ -200,11 +205,5 @@ def test_qlora_step_peak_is_predicted_within_target(device, record_metric, model
     model = build(model_name, method)
     measured = measure_qlora(model, seq, batch, checkpointing)
     _free(model)
-    error = predicted / measured["peak"] - 1.0
-    record_metric("peak_rel_error", error, unit="1", better="equal", tolerance=ERROR_DRIFT)
-    record_metric("measured_peak_GiB", measured["peak"] / planner.GIB, unit="GiB", better="lower",
-                  tolerance=Tolerance(rel=0.05, why="same stack, same shapes: the peak moves only with a library"))
-    assert abs(error) <= TARGET_REL_ERROR, (
-        f"{model_name} {method} qlora seq {seq} batch {batch} ckpt {checkpointing}: predicted "
-        f"{predicted / planner.GIB:.3f} GiB, measured {measured['peak'] / planner.GIB:.3f} GiB ({error:+.1%}); "
-        f"held before the step {measured['held'] / planner.GIB:.3f} GiB")
+    check_prediction(record_metric, f"{model_name} {method} qlora seq {seq} batch {batch} ckpt {checkpointing}",
+                     predicted, measured, "held before the step")
