@@ -660,6 +660,29 @@ def _kx2_dequantize(b, q: np.ndarray) -> np.ndarray:
     return (d * q.astype(_F32) - dm).reshape(len(b), QK_K)
 
 
+def _kx2_encode(cls, x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """The shared first half of quantize_row_q4_K_ref / q5_K_ref: search, 6-bit scale codes, fp16
+    d and dmin, then codes requantized from the stored scales -> (records, L (nb, 8, 32) uint8)."""
+    xs, scales, mins, L = _kx2_search(x, nmax, rmin, rdelta, nstep)
+    ls, lm, d, dmin = _kx2_scale_codes(scales, mins)
+    out = np.zeros(len(x), cls.layout)
+    out["scales"], out["d"], out["dmin"] = _pack_k4_scales(ls, lm), _fp16(d), _fp16(dmin)
+    return out, _kx2_requantize(out, xs, L, nmax).reshape(-1, 8, 32).astype(np.uint8)
+
+
+def _pack_k_nibbles(low: np.ndarray) -> np.ndarray:
+    """(nb, 8, 32) 4-bit codes -> (nb, 128): byte ``32*c + l`` holds sub-block 2c in its low nibble
+    and 2c+1 in its high nibble (Q4_K ``qs``, and the low bits of Q5_K)."""
+    pairs = low.reshape(-1, 4, 2, 32)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _unpack_k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_pack_k_nibbles`: (nb, 128) bytes -> (nb, 8, 32) codes in [0, 15]."""
+    qs = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32)
+
+
 def _kx2_search(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Per 32-weight sub-block: weights av_x + |x| with av_x = sqrt(mean(x**2)), then qkx2."""
     xs = x.reshape(-1, 32)
@@ -675,24 +698,18 @@ class Q4_K(BlockFormat, ggml_type=12, block_size=QK_K,
     """``block_q4_K``: 8 sub-blocks of 32, x = d*sc * q - dmin*m, 6-bit sc and m, q in [0, 15].
 
     quantize_row_q4_K_ref (make_qkx2_quants: rmin -1, rdelta 0.1, 20 steps) / dequantize_row_q4_K.
-    Byte ``32*c + l`` of ``qs`` holds sub-block 2c in its low nibble and 2c+1 in its high nibble.
+    ``qs`` packs sub-blocks in pairs (:func:`_pack_k_nibbles`).
     """
 
     @classmethod
     def quantize_blocks(cls, x):
-        xs, scales, mins, L = _kx2_search(x, 15, -1.0, 0.1, 20)
-        ls, lm, d, dmin = _kx2_scale_codes(scales, mins)
-        out = np.zeros(len(x), cls.layout)
-        out["scales"], out["d"], out["dmin"] = _pack_k4_scales(ls, lm), _fp16(d), _fp16(dmin)
-        L = _kx2_requantize(out, xs, L, 15).reshape(-1, 4, 2, 32).astype(np.uint8)
-        out["qs"] = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+        out, L = _kx2_encode(cls, x, 15, -1.0, 0.1, 20)
+        out["qs"] = _pack_k_nibbles(L)
         return out
 
     @classmethod
     def dequantize_blocks(cls, b):
-        qs = b["qs"].reshape(-1, 4, 1, 32)
-        q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32)
-        return _kx2_dequantize(b, q)
+        return _kx2_dequantize(b, _unpack_k_nibbles(b["qs"]))
 
 
 class Q5_K(BlockFormat, ggml_type=13, block_size=QK_K,
@@ -706,22 +723,15 @@ class Q5_K(BlockFormat, ggml_type=13, block_size=QK_K,
 
     @classmethod
     def quantize_blocks(cls, x):
-        xs, scales, mins, L = _kx2_search(x, 31, -0.5, 0.1, 15)
-        ls, lm, d, dmin = _kx2_scale_codes(scales, mins)
-        out = np.zeros(len(x), cls.layout)
-        out["scales"], out["d"], out["dmin"] = _pack_k4_scales(ls, lm), _fp16(d), _fp16(dmin)
-        L = _kx2_requantize(out, xs, L, 31).reshape(-1, 8, 32).astype(np.uint8)
+        out, L = _kx2_encode(cls, x, 31, -0.5, 0.1, 15)
         out["qh"] = np.bitwise_or.reduce((L >> 4) << np.arange(8, dtype=np.uint8)[:, None], axis=1)
-        L = (L & 0xF).reshape(-1, 4, 2, 32)
-        out["qs"] = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+        out["qs"] = _pack_k_nibbles(L & 0xF)
         return out
 
     @classmethod
     def dequantize_blocks(cls, b):
-        qs = b["qs"].reshape(-1, 4, 1, 32)
-        low = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32)
         high = ((b["qh"][:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4
-        return _kx2_dequantize(b, low | high)
+        return _kx2_dequantize(b, _unpack_k_nibbles(b["qs"]) | high)
 
 
 class Q6_K(BlockFormat, ggml_type=14, block_size=QK_K,
