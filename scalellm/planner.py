@@ -219,10 +219,8 @@ def _shape_from_json(name: str, blob: str) -> ModelShape:
         weights += w.numel()
         biases += module.bias.numel() if getattr(module, "bias", None) is not None else 0
     hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    heads, kv_heads, head_dim = attention_dims(config)
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     tied = output is not None and output.weight is model.get_input_embeddings().weight
     rms = any("RMSNorm" in type(m).__name__ for m in base.modules())
     per_layer = len(shapes_) // int(config.num_hidden_layers)
@@ -234,6 +232,21 @@ def _shape_from_json(name: str, blob: str) -> ModelShape:
                       intermediate=int(intermediate), layers=int(config.num_hidden_layers), heads=heads,
                       kv_heads=kv_heads, head_dim=head_dim, vocab=int(config.vocab_size), tied=bool(tied),
                       rms_norm=rms, gated_mlp=bool(gated), hidden_act=act)
+
+
+def attention_dims(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a transformers config; grouped-query attention
+    (Mistral, TinyLlama) has fewer key/value heads than query heads."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
+    return heads, kv_heads, head_dim
+
+
+def kv_cache_bytes_per_token(config, element_bytes: int) -> int:
+    """K and V of every layer for one token of one sequence: 2 x layers x kv heads x head dim x bytes."""
+    _, kv_heads, head_dim = attention_dims(config)
+    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * element_bytes
 
 
 def model_shape(model: str) -> ModelShape:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from scalellm import generate, load, roofline, tables, text
+from scalellm import generate, load, planner, roofline, tables, text
 from scalellm.baselines import Tolerance
 from suites.model import METHOD_PARAMS, method_params
 
@@ -116,7 +116,7 @@ def test_prefill_and_decode_throughput(method_name, device, models_cache, tokeni
     # Roofline: decoding reads every weight (and the KV cache) once per token, so copy bandwidth
     # divided by those bytes bounds tokens/s; report each sample as a share of that bound.
     bytes_per_token = roofline.decode_bytes_per_token(
-        sum(load.held_bytes(model).values()), kv_cache_bytes_per_token(model.config, model.dtype),
+        sum(load.held_bytes(model).values()), planner.kv_cache_bytes_per_token(model.config, model.dtype.itemsize),
         context=PREFILL_TOKENS + DECODE_TOKENS // 2)
     bandwidth = roofline.measure(device).copy_bytes_per_s
     shares = [roofline.fraction_of_bound(t, bytes_per_token, bandwidth) for t in decode]
@@ -126,11 +126,3 @@ def test_prefill_and_decode_throughput(method_name, device, models_cache, tokeni
     if device != "cpu":  # a CPU's "bandwidth" depends on how much of the buffer its caches hold
         assert all(share < BOUND_SLACK for share in shares), f"decode beyond its bandwidth bound: {shares}"
 
-
-def kv_cache_bytes_per_token(config, dtype) -> int:
-    """K and V of every layer for one token: 2 x layers x kv heads x head dim x element size."""
-    import torch
-
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
