@@ -9,7 +9,7 @@ import pytest
 from scalellm import lora_math, train
 from scalellm.baselines import Tolerance
 from scalellm.load import load
-from suites.lora.conftest import config_for
+from suites.lora.conftest import bnb_repacks_4bit_on_cpu, config_for
 
 pytestmark = [pytest.mark.lora, pytest.mark.nf4, pytest.mark.reference]
 
@@ -28,15 +28,6 @@ PATH_MIN_TOP1 = {"float32": 1.0, "bfloat16": 0.9}
 #: W + s*B@A to NF4: FINDINGS measured 54% top-1 without a prior forward (SmolLM2's weights already
 #: sit on a Q4_1 grid, so requantization moves many); the bug gives 0%. 25% separates the two.
 MIN_4BIT_MERGE_TOP1 = 0.25
-
-
-def _has_avx512_bf16() -> bool:
-    try:
-        from bitsandbytes.functional import has_avx512bf16
-
-        return bool(has_avx512bf16())
-    except Exception:  # noqa: BLE001 - no bnb native library: the repacking path cannot run either
-        return False
 
 
 @pytest.fixture
@@ -91,7 +82,7 @@ def test_qlora_model_equals_dequantized_base_plus_adapter(trained, merged_setup,
 # CPU-specific layout on the first inference forward when the CPU has AVX512-BF16; peft's merge then
 # dequantizes the repacked bytes as if canonical. Elsewhere (CUDA, CPUs without AVX512-BF16) the merge
 # is only requantization loss. The day bnb or peft fixes it, the strict xfail turns into a failure.
-_REPACKS = _has_avx512_bf16()
+_REPACKS = bnb_repacks_4bit_on_cpu()
 
 
 _REASON = ("bnb 0.50.2 repacks Linear4bit weights on the first inference forward on AVX512-BF16 CPUs; "

@@ -13,7 +13,7 @@ import pytest
 from scalellm import train
 from scalellm.baselines import Tolerance
 from suites.helpers.packages import need
-from suites.lora.conftest import config_for
+from suites.lora.conftest import bnb_repacks_4bit_on_cpu, config_for
 
 pytestmark = [pytest.mark.lora, pytest.mark.nf4, pytest.mark.quality]
 
@@ -80,22 +80,13 @@ _REPACK_REASON = ("bnb 0.50.2: after an eval-mode no-grad forward on an AVX512-B
                   "gemv_4bit, which has no autograd kernel: backward through the 4-bit base is dropped")
 
 
-def _has_avx512_bf16() -> bool:
-    try:
-        from bitsandbytes.functional import has_avx512bf16
-
-        return bool(has_avx512bf16())
-    except Exception:  # noqa: BLE001 - no native library: no repacking either
-        return False
-
-
 def test_inference_forward_leaves_training_gradients_unchanged(checkpoint, device, request):
     """Regression for a bnb CPU bug found here: one ``model.eval()`` + ``no_grad`` forward (any
     evaluation) silently breaks the gradients of later QLoRA steps on AVX512-BF16 CPUs. ``train``
     avoids it (``train.no_repack_forward``); this test watches the library behaviour itself."""
     import torch
 
-    if device == "cpu" and _has_avx512_bf16():
+    if device == "cpu" and bnb_repacks_4bit_on_cpu():
         request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=_REPACK_REASON))
     cfg = config_for(device)
     base, tokenizer = train.load_base(checkpoint, cfg, device)
