@@ -26,7 +26,12 @@ SAMPLES = 5
 #: only when the whole 95% interval of the median ratio is worse than this.
 THROUGHPUT_TOL = {
     "cpu": Tolerance(rel=0.5, why="cpu: 2 shared cores; medians of N=2 runs x 5 samples differed by up to ~35%"),
-    "cuda": Tolerance(rel=0.15, why="cuda: kernel-launch bound at batch 1; 15% as the harness default for GPUs"),
+    # Measured on the lent H100 (2026-11-26): N=3 runs x 5 samples, plus the 2 runs behind the
+    # committed baseline. Batch-1 decode of a 135M model is bound by kernel launches and host overhead,
+    # and run medians moved by up to 44% (fp4-dq decode 20.8-36.9 tok/s, nf4 20.5-38.5, fp32 prefill
+    # 3.9k-5.7k tok/s) with nothing else on the card.
+    "cuda": Tolerance(rel=0.5, why="cuda: launch/host-bound at batch 1; H100 run medians moved by up to 44% "
+                                   "over N=5 runs x 5 samples"),
     "mps": Tolerance(rel=0.3, why="mps: shared unified memory, untested here; wide until measured"),
 }
 #: The prompt whose greedy answer the FINDINGS record for every method on cpu (" Paris.").
