@@ -8,11 +8,12 @@ Calibration and evaluation never share text: calibration is the instruction set
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
-from scalellm import quality, text
+from scalellm import gptq_library, quality, text
+from suites.helpers.packages import need
 
 #: Calibration: 16 sequences of 128 tokens = 2,048 tokens. The paper uses 128 x 2,048 tokens of C4
 #: (§5); that costs minutes per forward pass on 2 CPU cores. 2,048 tokens already give every
@@ -98,6 +99,15 @@ class Run:
     quality: quality.Quality  # against the fp32 reference on eval_ids
     reports: list  # scalellm.quant.gptq.LinearReport per linear (GPTQ only)
     seconds: float  # wall time of quantize_model
+    weights: dict = field(default_factory=dict)  # linear name -> dequantized Q, float32 on cpu (GPTQ only)
+
+
+@dataclass
+class Yardstick:
+    """The fp32 model's own view of the quantized linears: the common scale for two quantizations."""
+
+    weights: dict  # linear name -> fp32 W (out, in), on the device
+    hessians: dict  # linear name -> scalellm.quant.gptq.Hessian of its inputs on the calibration tokens
 
 
 class RealModelRuns:
@@ -107,6 +117,7 @@ class RealModelRuns:
         self.path, self.calib_ids, self.eval_ids = path, calib_ids, eval_ids
         self._reference: dict[str, list] = {}
         self._runs: dict[tuple[str, Spec], Run] = {}
+        self._yardsticks: dict[str, Yardstick] = {}
 
     def reference(self, device: str) -> list:
         if device not in self._reference:
@@ -128,10 +139,23 @@ class RealModelRuns:
                 reports = quantize_model(model, self.calib_ids, bits=spec.bits, group_size=spec.group_size,
                                          sym=spec.sym, act_order=spec.act_order, layers=QUANT_LAYERS)
             seconds = time.perf_counter() - start
+            weights = {r.name: model.get_submodule(r.name).weight.detach().float().cpu() for r in reports}
             q = quality.compare(model, self.eval_ids, reference, device, WINDOW)
-            self._runs[key] = Run(spec, q, reports, seconds)
+            self._runs[key] = Run(spec, q, reports, seconds, weights)
             del model
         return self._runs[key]
+
+    def yardstick(self, device: str) -> Yardstick:
+        """fp32 weights and input Hessians of every linear of QUANT_LAYERS, from one pass of the fp32
+        model over the calibration tokens (``scalellm.quant.gptq.linear_hessians``)."""
+        if device not in self._yardsticks:
+            from scalellm.quant.gptq import linear_hessians
+
+            model = load_fp32(self.path, device)
+            hessians = linear_hessians(model, self.calib_ids, list(QUANT_LAYERS))
+            weights = {name: model.get_submodule(name).weight.detach().clone() for name in hessians}
+            self._yardsticks[device] = Yardstick(weights, hessians)
+        return self._yardsticks[device]
 
 
 @pytest.fixture(scope="session")
@@ -143,3 +167,57 @@ def real_runs(checkpoint, calib_ids, eval_ids):
     yield runs
     runs._reference.clear()
     runs._runs.clear()
+    runs._yardsticks.clear()
+
+
+# ---------------------------------------------------------------- the library path (GPTQModel)
+
+#: The library's run: the settings of the reference's 4-bit row (test_quality's ``Spec("gptq", 4)``:
+#: symmetric, group 128, no act-order, damp 1 %) on the same decoder layers and calibration tokens.
+LIBRARY_SETTINGS = gptq_library.Settings(bits=4, group_size=128, sym=True, desc_act=False, layers=QUANT_LAYERS)
+#: Its row in the cross-method table (speed figures): the library, not the reference.
+LIBRARY_METHOD = "gptqmodel-4bit-g128"
+
+
+class LibraryRuns:
+    """GPTQModel's quantization of the real model, once per device, saved; reloads of the checkpoint.
+
+    ``quantized(device)``: the run (its model in memory and its time); ``saved(device)``: the
+    checkpoint directory; ``reloaded(device)``: one shared reload (callers must not change it);
+    ``fresh(device)``: a new reload the caller owns (to train, or to save again).
+    """
+
+    def __init__(self, path, calib_ids, root):
+        self.path, self.calib_ids, self.root = path, calib_ids, root
+        self._quantized: dict[str, gptq_library.Quantized] = {}
+        self._reloaded: dict[str, object] = {}
+
+    def quantized(self, device: str) -> gptq_library.Quantized:
+        if device not in self._quantized:
+            run = gptq_library.quantize(self.path, self.calib_ids, LIBRARY_SETTINGS, device,
+                                        log_dir=self.root / "logs")
+            gptq_library.save(run.qmodel, self.root / device)
+            self._quantized[device] = run
+        return self._quantized[device]
+
+    def saved(self, device: str):
+        self.quantized(device)
+        return self.root / device
+
+    def fresh(self, device: str):
+        """A new reload of the saved checkpoint (GPTQModel's wrapper; ``.model`` is the transformers model)."""
+        return gptq_library.load(self.saved(device), device)
+
+    def reloaded(self, device: str):
+        if device not in self._reloaded:
+            self._reloaded[device] = self.fresh(device).model
+        return self._reloaded[device]
+
+
+@pytest.fixture(scope="session")
+def library_runs(checkpoint, calib_ids, tmp_path_factory):
+    need("gptqmodel")
+    runs = LibraryRuns(checkpoint.path, calib_ids, tmp_path_factory.mktemp("gptqmodel"))
+    yield runs
+    runs._quantized.clear()
+    runs._reloaded.clear()

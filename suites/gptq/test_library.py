@@ -1,113 +1,207 @@
-"""The maintained GPTQ library against the reference, and today's truth about auto-gptq.
+"""The maintained GPTQ library against the reference, its checkpoints, and today's truth about auto-gptq.
 
-* **gptqmodel** (GPTQModel, auto-gptq's maintained successor; transformers' ``GPTQConfig`` and
-  optimum quantize through it) quantizes the real model on the same calibration text. Its
-  dequantized weights (read back by probing each quantized linear with the identity matrix, which
-  works for any kernel) are held to the reference's per linear: the layer error
-  ``||WX - ŴX||²`` on the fp32 model's own calibration activations must agree within
-  ``ERROR_FACTOR`` both ways. Saved and reloaded, the quantized model gives identical logits.
-* **auto-gptq** 0.7.1 (end of life since 2024-03): FINDINGS.md records that it fails at import
-  under transformers 5.x (``cannot import name 'no_init_weights'``). When it is installed, the
-  test holds it to that; when not, it skips saying so.
-
-Setup (not in the pinned stack): ``pip install gptqmodel==7.6.0 optimum==2.3.0`` (gptqmodel 7.7.0 needs
-torch >= 2.14.1, so pip picks 7.6.0 against torch 2.13.0, pure Python; transformers' GPTQ
-quantizer also needs optimum; on 2 cores gptqmodel needs
-``GPTQMODEL_CPU_WORKERS=2``, which the fixture sets).
+* **GPTQModel** 7.6 (auto-gptq's maintained successor; transformers' ``GPTQConfig`` and optimum
+  quantize through it) quantizes the real model on the reference's calibration tokens, decoder
+  layers and settings (``suites/gptq/conftest.py``: ``LIBRARY_SETTINGS``; why it is driven directly
+  rather than through ``GPTQConfig``: ``scalellm.gptq_library``), on its pure-torch kernel, saves
+  the checkpoint and reloads it. Each quantized linear of the reloaded model is read back
+  (``gptq_library.dequantized_weight``) and its layer error ``||WX - ŴX||²`` on the fp32 model's
+  own calibration activations is held to the reference's within ``ERROR_FACTOR`` both ways.
+* A loaded checkpoint saved again reloads to identical logits; the reloaded model generates.
+* Two GPTQModel 7.6 bugs found here are held by strict xfails: the model ``quantize()`` leaves in
+  memory computes with zero points in the wrong format, and a loaded model computes NaN after ``save()``.
+* **auto-gptq** 0.7.1 (end of life since 2024-03) fails at import under transformers 5.x.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 
+from scalellm import generate, gptq_library
 from scalellm.baselines import Tolerance
-from suites.gptq.conftest import CALIB_LENGTH, QUANT_LAYERS, WINDOW, load_fp32
-from suites.helpers.packages import need
+from suites.gptq.conftest import LIBRARY_METHOD, LIBRARY_SETTINGS, WINDOW, Spec
 
 pytestmark = [pytest.mark.gptq, pytest.mark.reference]
 
-BITS, GROUP_SIZE = 4, 128
-#: Paper's dampening (§4: 1 % of mean diag(H)); transformers' GPTQConfig defaults to 0.1, so it
-#: is passed explicitly to compare like with like.
-DAMP = 0.01
-#: Library / reference layer error, per linear, must lie in [1/F, F]. The two runs differ in
-#: ways that are allowed: the library quantizes all 30 layers (so layer l sees other inputs than
-#: the reference, which quantizes QUANT_LAYERS only), it re-tokenizes the calibration text, and
-#: may process modules "true-sequentially". A factor of 2 is far below what a broken algorithm
-#: gives (RTN is ~7x the reference's error on these layers: test_quality's summed ratio 0.14).
-ERROR_FACTOR = 2.0
-RATIO_TOL = Tolerance(rel=0.1, why="library version and kernel path move it; 10% of a ratio near 1")
+#: The reference run with the library's settings (test_quality's 4-bit row).
+REFERENCE = Spec("gptq", LIBRARY_SETTINGS.bits, LIBRARY_SETTINGS.group_size, LIBRARY_SETTINGS.sym,
+                 LIBRARY_SETTINGS.desc_act)
+#: Library / reference layer error, per linear, must lie in [1/F, F]. Measured (cpu, 35 linears of
+#: layers 0/6/12/18/24, N=4 runs, identical): 0.990-1.038, geomean 1.007. The two differ only in
+#: allowed ways: the library runs the model in bf16 (its calibration activations, so its Hessians, are
+#: bf16 roundings; the reloaded scales are bf16 roundings of the checkpoint's fp16 ones) and
+#: accumulates in another order. 1.25 leaves 6x that room and is far below what a broken library
+#: gives: RTN is ~7x the reference's error on these layers (test_quality), the zero-point bug held
+#: by the first xfail below gives 43-477x.
+ERROR_FACTOR = 1.25
+RATIO_TOL = Tolerance(rel=0.02, why="deterministic on a device (4 runs identical); 2% for kernel/BLAS order")
+#: Tokens of the evaluation corpus whose logits are compared (one quarter window: cheap, 2 x 128 x 49k logits).
+LOGIT_TOKENS = WINDOW // 4
+#: Greedy generation from the reloaded model: a fact SmolLM2 states under every method (suites/model).
+FACT_PROMPT, FACT_ANSWER = "The capital of France is", "Paris"
+NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="session")
-def gptqmodel():
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # FINDINGS: its CPU pool needs >= 2 workers
-    need("optimum")  # transformers' GPTQ quantizer refuses to run without it
-    return need("gptqmodel")
-
-
-def probe_weight(module, in_features: int, device):
-    """Ŵ (out, in) of any linear-like module: ``module(I) - module(0)`` is ``I Ŵᵀ``."""
+def logits(model, ids: list[int]):
     import torch
 
-    eye = torch.eye(in_features, device=device)
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return (module(eye) - module(torch.zeros(1, in_features, device=device))).T.float()
+        return model(torch.tensor([ids], device=device)).logits.float().cpu()
 
 
-@pytest.fixture(scope="session")
-def library_model(gptqmodel, checkpoint, tokenizer, calib_ids, tmp_path_factory):
-    """The real model quantized by transformers ``GPTQConfig`` (through gptqmodel) on cpu, saved."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPTQConfig
+def layer_error_ratios(linears: dict, errors_of, yardstick) -> dict[str, float]:
+    """Per linear: ``||WX - ŴX||²`` of ``linears[name]`` over ``errors_of(name)``, on the fp32 Hessians."""
+    from scalellm.quant.gptq import reconstruction_error
 
-    texts = [tokenizer.decode(row) for row in calib_ids]
-    config = GPTQConfig(bits=BITS, group_size=GROUP_SIZE, sym=True, desc_act=False, damp_percent=DAMP,
-                        dataset=texts, tokenizer=tokenizer, model_seqlen=CALIB_LENGTH)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint.path, quantization_config=config,
-                                                 device_map="cpu", dtype=torch.float32, local_files_only=True)
-    saved = tmp_path_factory.mktemp("gptq-library")
-    model.save_pretrained(saved)
-    tokenizer.save_pretrained(saved)
-    return model.eval(), saved
+    return {name: reconstruction_error(yardstick.weights[name], gptq_library.dequantized_weight(linears[name]), h)
+            / errors_of(name) for name, h in yardstick.hessians.items()}
 
 
-def test_library_layer_error_agrees_with_reference(library_model, checkpoint, calib_ids, record_metric):
-    import torch
+def reference_errors(device, real_runs, yardstick):
+    from scalellm.quant.gptq import reconstruction_error
 
-    from scalellm.quant.gptq import linear_hessians, quantize_model, reconstruction_error
+    weights = real_runs.run(device, REFERENCE).weights
+    return {name: reconstruction_error(yardstick.weights[name], weights[name], h)
+            for name, h in yardstick.hessians.items()}
 
-    library, _ = library_model
-    fp32 = load_fp32(checkpoint.path, "cpu")
-    hessians = linear_hessians(fp32, calib_ids, list(QUANT_LAYERS))
-    originals = {name: fp32.get_submodule(name).weight.detach().clone() for name in hessians}
-    quantize_model(fp32, calib_ids, bits=BITS, group_size=GROUP_SIZE, sym=True, damp=DAMP, layers=QUANT_LAYERS)
-    ratios = {}
-    for name, h in hessians.items():
-        W = originals[name]
-        ours = reconstruction_error(W, fp32.get_submodule(name).weight, h)
-        theirs = reconstruction_error(W, probe_weight(library.get_submodule(name), W.shape[1], "cpu"), h)
-        ratios[name] = theirs / ours
-    geo_mean = float(torch.tensor(list(ratios.values())).log().mean().exp())
-    record_metric("library_over_reference_layer_error_geomean", geo_mean, unit="ratio", better="equal",
+
+def geomean(values) -> float:
+    import math
+
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def table(ratios: dict[str, float]) -> str:
+    return "\n".join(f"  {name:40s} {r:8.3f}" for name, r in ratios.items())
+
+
+def test_library_quantizes_the_reference_linears_on_the_torch_kernel(device, library_runs, real_runs,
+                                                                      record_property):
+    """Exactly the linears the reference quantizes (QUANT_LAYERS) are GPTQ linears, all on ``TorchLinear``."""
+    linears = gptq_library.quantized_linears(library_runs.reloaded(device))
+    kernels = sorted({type(m).__name__ for m in linears.values()})
+    record_property("gptq_kernel", ",".join(kernels))
+    assert set(linears) == set(real_runs.yardstick(device).hessians)
+    assert kernels == [gptq_library.KERNEL]
+    assert {(m.bits, m.group_size) for m in linears.values()} == {(LIBRARY_SETTINGS.bits, LIBRARY_SETTINGS.group_size)}
+
+
+def test_library_layer_error_agrees_with_reference(device, library_runs, real_runs, record_metric):
+    yardstick = real_runs.yardstick(device)
+    ours = reference_errors(device, real_runs, yardstick)
+    linears = gptq_library.quantized_linears(library_runs.reloaded(device))
+    ratios = layer_error_ratios(linears, ours.__getitem__, yardstick)
+    print(f"library / reference layer error ({device}):\n{table(ratios)}")
+    record_metric("library_over_reference_layer_error_geomean", geomean(ratios.values()), unit="ratio",
+                  better="equal", tolerance=RATIO_TOL)
+    record_metric("library_over_reference_layer_error_max", max(ratios.values()), unit="ratio", better="lower",
                   tolerance=RATIO_TOL)
     bad = {n: r for n, r in ratios.items() if not 1 / ERROR_FACTOR <= r <= ERROR_FACTOR}
-    assert not bad, f"library/reference layer error outside [1/{ERROR_FACTOR}, {ERROR_FACTOR}]: {bad}"
+    assert not bad, f"outside [1/{ERROR_FACTOR}, {ERROR_FACTOR}]:\n{table(bad)}"
 
 
-def test_library_save_and_reload_give_identical_logits(library_model, eval_ids):
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "gptqmodel 7.6.0: quantize() packs the GPTQ v1 (checkpoint) zero points and leaves the modules at "
+    "qzero_format 1, but TorchLinear (REQUIRES_FORMAT_V2) dequantizes them as v2, one step off per group: "
+    "layer error 43-477x the reloaded checkpoint's (cpu). Save and reload first."))
+def test_model_left_by_quantize_computes_like_its_checkpoint(device, library_runs, real_runs):
+    yardstick = real_runs.yardstick(device)
+    in_memory = gptq_library.quantized_linears(library_runs.quantized(device).qmodel.model)
+    reloaded = gptq_library.quantized_linears(library_runs.reloaded(device))
+    checkpoint = layer_error_ratios(reloaded, lambda name: 1.0, yardstick)
+    ratios = layer_error_ratios(in_memory, checkpoint.__getitem__, yardstick)
+    bad = {n: r for n, r in ratios.items() if not 1 / ERROR_FACTOR <= r <= ERROR_FACTOR}
+    formats = sorted({m.qzero_format() for m in in_memory.values()})
+    assert not bad, f"in memory / reloaded layer error (qzero formats {formats}):\n{table(bad)}"
+
+
+@pytest.fixture(scope="session")
+def _round_trips():
+    return {}
+
+
+@pytest.fixture
+def round_trip(device, library_runs, eval_ids, tmp_path_factory, _round_trips):
+    """Logits of a loaded checkpoint: as loaded, after its own ``save()``, and reloaded from that save."""
+    if device not in _round_trips:
+        ids = eval_ids[:LOGIT_TOKENS]
+        qmodel = library_runs.fresh(device)
+        loaded = logits(qmodel.model, ids)
+        saved = gptq_library.save(qmodel, tmp_path_factory.mktemp(f"gptq-resaved-{device}"))
+        after_save = logits(qmodel.model, ids)
+        del qmodel
+        _round_trips[device] = dict(loaded=loaded, after_save=after_save,
+                                    reloaded=logits(gptq_library.load(saved, device).model, ids))
+    return _round_trips[device]
+
+
+def test_saved_checkpoint_reloads_to_identical_logits(round_trip):
+    """Load, save, load again: the same logits, bit for bit."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model, saved = library_model
-    reloaded = AutoModelForCausalLM.from_pretrained(saved, device_map="cpu", local_files_only=True).eval()
-    ids = torch.tensor([eval_ids[:WINDOW // 4]])
-    with torch.no_grad():
-        before, after = model(ids).logits, reloaded(ids).logits
-    assert torch.equal(before, after), f"max |Δlogit| {(before - after).abs().max():.3g}"
+    loaded, reloaded = round_trip["loaded"], round_trip["reloaded"]
+    assert torch.equal(loaded, reloaded), f"max |Δlogit| {(loaded - reloaded).abs().max():.3g}"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "gptqmodel 7.6.0: save() swaps a loaded model's TorchLinear modules for repacked ones of GPTQModel's "
+    "default kernel (TorchAtenLinear on cpu: v1 zero points, fp16 scales), ignoring the backend it was "
+    "loaded with: the saved-from model's logits are then NaN (cpu)."))
+def test_loaded_model_still_computes_after_save(round_trip):
+    import torch
+
+    loaded, after = round_trip["loaded"], round_trip["after_save"]
+    assert torch.equal(loaded, after), f"max |Δlogit| {(loaded - after).abs().max():.3g}"
+
+
+def test_reloaded_model_decodes_as_transformers_generate(device, library_runs, tokenizer):
+    """The timed greedy loop on the reloaded GPTQ model gives the tokens of ``generate(do_sample=False)``."""
+    import torch
+
+    model = library_runs.reloaded(device)
+    ids = tokenizer(FACT_PROMPT)["input_ids"]
+    ours = generate.greedy(model, tokenizer, ids, NEW_TOKENS, device, stop_at_eos=False)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids),
+                             dtype=torch.long, device=device), do_sample=False, max_new_tokens=NEW_TOKENS,
+                             min_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.eos_token_id)
+    assert ours.new_ids == out[0, len(ids):].tolist()
+
+
+def test_reloaded_model_answers_the_capital_of_france(device, library_runs, tokenizer, model_path):
+    """SmolLM2 with five of its 30 layers GPTQ-quantized still completes the fact (suites/model's check)."""
+    if model_path is not None:
+        pytest.skip("a fact about SmolLM2; --model names another checkpoint")
+    g = generate.greedy(library_runs.reloaded(device), tokenizer, tokenizer(FACT_PROMPT)["input_ids"], 3, device)
+    assert g.text.split()[0].strip(".,") == FACT_ANSWER, g.text
+
+
+@pytest.mark.quality
+def test_library_rows_and_beats_round_to_nearest(device, library_runs, real_runs, eval_ids, record_metric):
+    """The reloaded library model against fp32 on the evaluation corpus (suites/gptq/test_quality's
+    measure and tolerances): its rows of the cross-method table, and a lower KLD than round-to-nearest
+    at the same bits and group size on the same layers, as the reference has.
+
+    Its figures include bf16 compute (TorchLinear refuses fp32; gptq_library's docstring), which alone
+    costs about 0.001 nats of KLD on this model (FINDINGS: bf16 loading), far below GPTQ's own error.
+    """
+    from scalellm import quality, tables
+    from suites.gptq.test_quality import KLD_TOL, PPL_TOL, TOP1_TOL
+
+    q = quality.compare(library_runs.reloaded(device), eval_ids, real_runs.reference(device), device, WINDOW)
+    rtn = real_runs.run(device, Spec("rtn", LIBRARY_SETTINGS.bits, LIBRARY_SETTINGS.group_size)).quality
+    method = LIBRARY_METHOD
+    record_metric(tables.metric_name("perplexity", method), q.perplexity, unit="ppl", better="lower",
+                  tolerance=PPL_TOL)
+    record_metric(tables.metric_name("kld_mean", method), q.kld_mean, unit="nats/token", better="lower",
+                  tolerance=KLD_TOL)
+    record_metric(tables.metric_name("top1_agreement", method), q.top1_agreement, unit="fraction",
+                  better="higher", tolerance=TOP1_TOL)
+    assert q.kld_mean < rtn.kld_mean, f"library GPTQ KLD {q.kld_mean:.4f} vs RTN {rtn.kld_mean:.4f}"
 
 
 def test_auto_gptq_fails_at_import_under_transformers_5():
@@ -115,9 +209,9 @@ def test_auto_gptq_fails_at_import_under_transformers_5():
     import transformers
 
     if importlib.util.find_spec("auto_gptq") is None:
-        pytest.skip("auto-gptq is not installed (end of life; FINDINGS.md: 0.7.1 fails at import under "
-                    "transformers 5.x). To re-check: pip install auto-gptq==0.7.1")
+        pytest.skip("auto-gptq is not installed (end of life; 0.7.1 fails at import under transformers 5.x). "
+                    "To record it: BUILD_CUDA_EXT=0 pip install --no-deps --no-build-isolation auto-gptq==0.7.1")
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip(f"transformers {transformers.__version__}: the documented failure is for 5.x")
     with pytest.raises(ImportError, match="no_init_weights"):
-        import auto_gptq  # noqa: F401
+        importlib.import_module("auto_gptq")
