@@ -109,10 +109,12 @@ def converted_gguf(conversions):
 class LlamaCppFiles:
     """The real model in llama.cpp file types: the shipped Q4_1 file as it is, every other type made
     from it once per session by llama.cpp's ``llama_model_quantize`` with ``allow_requantize`` (the
-    Q4_1 tensors are dequantized to exactly the fp32 reference's weights first).
+    Q4_1 tensors are dequantized to exactly the fp32 reference's weights first), in a torch-free
+    child (:func:`scalellm.llama_cpp_run.requantize`: llama.cpp's CUDA build and torch's cannot share
+    a process).
 
-    :meth:`load` opens them with the CPU kernels :func:`scalellm.llama_cpp_run.kernel_check` found
-    safe (``extra_buffers``), so a build whose default kernels die cannot take pytest down with it.
+    :meth:`load` opens them in a worker process (:func:`scalellm.llama_cpp_run.load`) with the CPU
+    kernels :func:`scalellm.llama_cpp_run.kernel_check` found safe (``extra_buffers``).
     """
 
     SHIPPED = "Q4_1"
@@ -123,16 +125,16 @@ class LlamaCppFiles:
 
     def path(self, ftype_name: str) -> Path:
         """The model file of llama.cpp file type ``ftype_name`` (``"Q4_1"``, ``"Q4_K_M"``, ``"F16"``...)."""
-        from scalellm import llama_cpp_quantize
+        from scalellm import llama_cpp_run
 
         if ftype_name not in self._paths:
             out = self.workdir / f"{self.shipped.stem.rsplit('.', 1)[0]}.{ftype_name}.gguf"
-            self._paths[ftype_name] = llama_cpp_quantize.requantize_file(self.shipped, out, ftype_name)
+            self._paths[ftype_name] = llama_cpp_run.requantize(self.shipped, out, ftype_name)
         return self._paths[ftype_name]
 
     def load(self, ftype_name: str, device: str, **kwargs):
-        """:func:`scalellm.llama_cpp_run.load` of that file on ``device``; a skip with the rebuild hint
-        when this llama-cpp-python build cannot offload to the device's GPU."""
+        """:func:`scalellm.llama_cpp_run.load` of that file on ``device`` (a worker process: close it);
+        a skip with the rebuild hint when this llama-cpp-python build cannot offload to the device's GPU."""
         from scalellm import llama_cpp_run
 
         try:

@@ -12,7 +12,8 @@ What is proved, from the definition outwards:
   file's, with their value types;
 * the round trip: transformers loads the F32 file back (``gguf_file=``) to the checkpoint's weights,
   bit for bit, and to its configuration;
-* llama.cpp (llama-cpp-python) runs the F32 file to the same greedy text as transformers in fp32;
+* llama.cpp (llama-cpp-python, in its torch-free worker process: :mod:`scalellm.llama_cpp_run`) runs
+  the F32 file to the same greedy text as transformers in fp32;
 * a NaN weight, a weight beyond float16 (for F16) or a non-Llama checkpoint is refused with an error
   naming the file (and the tensor); a tiny valid checkpoint, the control, converts.
 """
@@ -25,7 +26,7 @@ import struct
 import numpy as np
 import pytest
 
-from scalellm import generate, gguf_convert, load, models
+from scalellm import generate, gguf_convert, llama_cpp_run, load, models
 from scalellm.baselines import Tolerance
 from scalellm.gguf_convert import ConversionError, permute_for_rope
 from scalellm.gguf_file import numpy_shape, open_gguf
@@ -289,26 +290,23 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 class Runners:
-    """Per device, loaded once: llama.cpp on the F32 file and transformers fp32 on the checkpoint."""
+    """Per device, loaded once: llama.cpp on the F32 file (in its worker process) and transformers fp32
+    on the checkpoint."""
 
-    def __init__(self, llama_cpp, gguf_path, checkpoint_path):
-        self.llama_cpp, self.gguf_path, self.checkpoint_path = llama_cpp, gguf_path, checkpoint_path
+    def __init__(self, gguf_path, checkpoint_path):
+        self.gguf_path, self.checkpoint_path = gguf_path, checkpoint_path
         self._llama, self._hf = {}, {}
 
     def llama(self, device: str):
         """llama.cpp with every layer offloaded on a GPU device (none on cpu), logits kept for every
         position, and an F32 KV cache: llama.cpp's default F16 cache rounds K and V, which measured
         max |dlogit| 0.022-0.027 on these prompts (cpu) instead of 5e-5-7e-5 with F32."""
-        lc = self.llama_cpp
-        offload = device != "cpu"
-        if offload and not lc.llama_supports_gpu_offload():
-            pytest.skip(f"{device}: this llama-cpp-python build cannot offload to a GPU "
-                        "(rebuild with CMAKE_ARGS='-DGGML_CUDA=on' pip install llama-cpp-python)")
         if device not in self._llama:
-            self._llama[device] = lc.Llama(
-                model_path=str(self.gguf_path), n_ctx=256, n_batch=256, n_gpu_layers=-1 if offload else 0,
-                logits_all=True, type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32,
-                n_threads=LLAMA_THREADS, n_threads_batch=LLAMA_THREADS, verbose=False)
+            try:
+                self._llama[device] = llama_cpp_run.load(self.gguf_path, device, n_ctx=256, logits_all=True,
+                                                         kv_type="F32", n_threads=LLAMA_THREADS)
+            except llama_cpp_run.OffloadUnavailable as exc:
+                pytest.skip(str(exc))
         return self._llama[device]
 
     def transformers(self, device: str):
@@ -319,30 +317,10 @@ class Runners:
 
 @pytest.fixture(scope="module")
 def runners(llama_cpp_py, converted_gguf, checkpoint):
-    cache = Runners(llama_cpp_py, converted_gguf["F32"], checkpoint.path)
+    cache = Runners(converted_gguf["F32"], checkpoint.path)
     yield cache
     for llm in cache._llama.values():
         llm.close()
-
-
-def llama_logits(llm, ids: list[int]) -> np.ndarray:
-    """(len(ids), vocab) float32 logits of llama.cpp over ``ids`` from an empty cache."""
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
-def llama_greedy(llm, ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
-    """Greedy decoding in llama.cpp (argmax of the last logits), stopping after eos as generate.greedy does."""
-    llm.reset()
-    llm.eval(ids)
-    new: list[int] = []
-    while len(new) < max_new_tokens:
-        new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        if new[-1] == eos:
-            break
-        llm.eval(new[-1:])
-    return new
 
 
 def hf_logits(model, ids: list[int], device: str) -> np.ndarray:
@@ -359,10 +337,10 @@ def test_llama_cpp_generates_what_transformers_generates(prompt, device, runners
     ids = prompt_ids(tokenizer, prompt)
     hf = generate.greedy(runners.transformers(device), tokenizer, ids, NEW_TOKENS, device).new_ids
     llm = runners.llama(device)
-    ours = llama_greedy(llm, ids, NEW_TOKENS, tokenizer.eos_token_id)
+    ours = llama_cpp_run.greedy(llm, ids, NEW_TOKENS, tokenizer.eos_token_id)
     path = ids + hf[:-1]  # teacher-forced: the positions whose argmax chose each transformers token
     want = hf_logits(runners.transformers(device), path, device)[len(ids) - 1:]
-    got = llama_logits(llm, path)[len(ids) - 1:]
+    got = llama_cpp_run.window_logits(llm, path)[len(ids) - 1:]
     top2 = np.sort(want, axis=-1)[:, -2:]
     gaps = top2[:, 1] - top2[:, 0]
     diff = np.abs(got - want).max(axis=-1)

@@ -12,17 +12,27 @@ The same child-process trial tells whether this build's default CPU kernels run 
 ``-march=native`` on a Xeon that advertises AMX dies with SIGILL (``tilezero`` in
 ``ggml_backend_amx_mul_mat``) at the first batched matmul of a quantized model; the other suites
 then run on ggml's plain kernels (``use_extra_bufts`` off) and this module's first test fails.
+
+Every model runs in a worker process that never imports torch (:func:`~scalellm.llama_cpp_run.load`):
+the worker's imports hold no torch, an exception in it reaches the caller as itself, a worker killed
+by a signal is a ``LlamaCppWorkerError`` naming the file and the signal, and close or garbage
+collection ends it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from scalellm import llama_cpp_run, models
 from scalellm.gguf_file import GGUFFileError
-from scalellm.llama_cpp_run import LlamaCppLoadError
+from scalellm.llama_cpp_run import LlamaCppLoadError, LlamaCppWorkerError
 from suites.gguf.test_gguf_files import kv_offset
 
 pytestmark = [pytest.mark.gguf]
@@ -39,7 +49,7 @@ def copy_with(tmp_path, data: bytes, name: str):
     return path
 
 
-def assert_names_the_file(exc: GGUFFileError, path, *fragments: str) -> None:
+def assert_names_the_file(exc: GGUFFileError | LlamaCppWorkerError, path, *fragments: str) -> None:
     __tracebackhide__ = True
     message = str(exc)
     assert message.startswith(str(path)) and exc.path == path, message
@@ -65,12 +75,63 @@ def test_default_cpu_kernels_run_the_real_model(llama_cpp_kernels):
 
 
 def test_the_intact_model_loads_and_decodes(llama_cpp_kernels):
-    llm = llama_cpp_run.load_checked(models.smollm2_gguf(), "cpu", n_ctx=16, extra_buffers=llama_cpp_kernels[0])
+    llm = llama_cpp_run.load_checked(models.smollm2_gguf(), "cpu", n_ctx=16, logits_all=True,
+                                     extra_buffers=llama_cpp_kernels[0])
     try:
         assert llm.n_vocab() == 49152
-        llm.eval([llm.token_bos()] * 8)
+        logits = llama_cpp_run.window_logits(llm, [llm.token_bos()] * 8)
+        assert logits.shape == (8, 49152) and np.isfinite(logits).all() and logits.any(axis=-1).all()
     finally:
         llm.close()
+
+
+# ---------------------------------------------------------------- the worker process
+
+
+def test_the_worker_never_imports_torch():
+    """What the worker process imports (its module, then llama_cpp as it opens a model) pulls in no torch:
+    llama.cpp's CUDA build and torch's CUDA cannot share a process (scalellm.llama_cpp_worker)."""
+    pytest.importorskip("llama_cpp")
+    script = ("import sys, scalellm.llama_cpp_worker, llama_cpp; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def worker(llama_cpp_kernels):
+    llm = llama_cpp_run.load(models.smollm2_gguf(), "cpu", n_ctx=16, logits_all=True, extra_buffers=llama_cpp_kernels[0])
+    yield llm
+    llm.close()
+
+
+def test_an_error_in_the_worker_is_raised_as_itself(worker):
+    n = worker.n_ctx()  # llama.cpp rounds a context of 16 up (256 here)
+    with pytest.raises(ValueError, match=f"{n + 1} tokens do not fit the context of {n}"):
+        llama_cpp_run.window_logits(worker, [worker.token_bos()] * (n + 1))
+    assert llama_cpp_run.window_logits(worker, [worker.token_bos()] * 4).shape == (4, 49152)  # still serving
+
+
+def test_a_worker_killed_by_a_signal_is_an_error_naming_file_and_signal(worker):
+    """What a segfault in llama.cpp does to the worker, done from outside: the caller gets an error, not a crash."""
+    os.kill(worker.pid, signal.SIGSEGV)
+    with pytest.raises(LlamaCppWorkerError) as info:
+        llama_cpp_run.window_logits(worker, [worker.token_bos()] * 4)
+    assert_names_the_file(info.value, models.smollm2_gguf(), "killed by SIGSEGV", "during window_logits")
+    with pytest.raises(LlamaCppWorkerError, match="the worker is closed"):
+        llama_cpp_run.window_logits(worker, [worker.token_bos()] * 4)
+
+
+def test_close_and_garbage_collection_end_the_worker(llama_cpp_kernels):
+    path = models.smollm2_gguf()
+    closed = llama_cpp_run.load(path, "cpu", n_ctx=16, extra_buffers=llama_cpp_kernels[0])
+    closed.close()
+    assert closed._proc.returncode == 0  # it freed its model and exited when asked
+    dropped = llama_cpp_run.load(path, "cpu", n_ctx=16, extra_buffers=llama_cpp_kernels[0])
+    proc = dropped._proc
+    del dropped
+    assert proc.returncode is not None
 
 
 def test_truncated_copy_is_refused_before_llama_cpp_sees_it(real_bytes, tmp_path):
