@@ -9,7 +9,7 @@ cpu included, so one code path is tested everywhere and a native crash in llama.
 :class:`LlamaCppWorkerError` naming the file and the signal instead of killing the caller.
 
 * :func:`load` starts a worker that opens a model with every layer on the device's GPU
-  (``n_gpu_layers=-1``) or on the host's cores (``n_threads = os.cpu_count()``) on cpu; it returns
+  (``n_gpu_layers=-1``) or on the host's cores (``n_threads`` = the cores the process may use) on cpu; it returns
   a :class:`Worker`, closed by ``close()``, by garbage collection or at interpreter exit.
 * :func:`window_logits` evaluates exactly the given token ids (no BOS is added: llama.cpp's
   ``llama_decode`` sees what it is given) and returns the float32 logits of every position;
@@ -185,7 +185,7 @@ def load(path: str | os.PathLike, device: str = "cpu", *, logits_all: bool = Fal
          verbose: bool = False) -> Worker:
     """A :class:`Worker` holding ``path`` on ``device``. ``logits_all`` keeps every position's logits
     (for scoring); without it only the last position's are computed (as llama-bench). ``n_threads``
-    defaults to ``os.cpu_count()``; ``kv_type="F32"`` keeps the KV cache in float32 (llama.cpp's
+    defaults to the cores the process may use; ``kv_type="F32"`` keeps the KV cache in float32 (llama.cpp's
     default is F16).
 
     ``extra_buffers=False`` turns off llama.cpp's extra CPU buffer types (``use_extra_bufts``: the

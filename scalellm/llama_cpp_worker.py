@@ -74,6 +74,15 @@ def _sendable(exc: BaseException) -> BaseException:
 # ---------------------------------------------------------------- llama.cpp in this process
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask, not ``os.cpu_count()``, which counts the
+    whole host's (a 16-core container on a large GPU server sees all of the server's cores)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity mask
+        return os.cpu_count() or 1
+
+
 def gpu_layers(device: str) -> int:
     """``n_gpu_layers`` for ``device``: 0 on cpu, -1 (all layers) on a GPU the build can offload to."""
     import llama_cpp
@@ -114,17 +123,19 @@ def open_model(path: str, device: str = "cpu", *, logits_all: bool = False, n_ct
                verbose: bool = False):
     """A ``llama_cpp.Llama`` for ``path`` in this process: every layer on the device's GPU
     (``n_gpu_layers=-1``) or none on cpu; batches of ``n_ctx``; ``n_threads`` (default
-    ``os.cpu_count()``) for single-token and batch decodes; a ``kv_type`` (:data:`KV_TYPES`) K and V
+    ``usable_cores()``) for single-token and batch decodes; a ``kv_type`` (:data:`KV_TYPES`) K and V
     cache, else llama.cpp's default (F16); ``extra_buffers=False`` turns off ``use_extra_bufts``."""
     import llama_cpp
 
-    threads = n_threads or os.cpu_count() or 1
+    threads = n_threads or usable_cores()
     cache = {}
     if kv_type is not None:
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type {kv_type!r} is not one of {KV_TYPES}")
         cache = {"type_k": getattr(llama_cpp, f"GGML_TYPE_{kv_type}"), "type_v": getattr(llama_cpp, f"GGML_TYPE_{kv_type}")}
-    with _model_params(use_extra_bufts=extra_buffers):
+    # Patch the defaults only to turn the extra buffer types off: on the H100 (CUDA build) any load
+    # through the patched llama_model_default_params died with SIGSEGV, the unpatched one runs.
+    with _model_params(use_extra_bufts=False) if not extra_buffers else contextlib.nullcontext():
         return llama_cpp.Llama(model_path=str(path), n_gpu_layers=gpu_layers(device), n_ctx=n_ctx, n_batch=n_ctx,
                                n_ubatch=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=logits_all,
                                verbose=verbose, **cache)

@@ -4,7 +4,7 @@ llama-bench (``tools/llama-bench/llama-bench.cpp``): ``pp512`` decodes 512 token
 an empty cache, ``tg128`` decodes 128 tokens one at a time from an empty cache; random tokens, a
 warm-up run first, 5 repetitions (``-r 5``), ``llama_synchronize`` before the clock stops. The same
 here through llama-cpp-python (:mod:`scalellm.llama_cpp_run`), every layer offloaded on a GPU
-(``n_gpu_layers=-1``), ``os.cpu_count()`` threads on cpu. The figures are stored as samples and
+(``n_gpu_layers=-1``), as many threads as the process has cores on cpu. The figures are stored as samples and
 compared with the noise-aware rule (median ratio and its bootstrap interval), as the model tier's
 prefill/decode figures, under the same table names (``prefill_tok_s:gguf-q4_1``...).
 """
@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from scalellm import llama_cpp_run, tables
+from scalellm import llama_cpp_run, llama_cpp_worker, tables
 from scalellm.baselines import Tolerance
 from suites.gguf.conftest import method_name
 
@@ -55,7 +55,7 @@ def test_pp512_and_tg128(ftype, device, llama_cpp_files, record_metric):
         pp = [PP_TOKENS / llama_cpp_run.prompt_seconds(llm, prompt) for _ in range(1 + SAMPLES)][1:]
         tg = [TG_TOKENS / llama_cpp_run.generation_seconds(llm, gen, TG_BUDGET_S) for _ in range(1 + SAMPLES)][1:]
     except TimeoutError as exc:
-        pytest.fail(f"tg{TG_TOKENS} on {device} with {os.cpu_count()} threads: {exc}; load average "
+        pytest.fail(f"tg{TG_TOKENS} on {device} with {llama_cpp_worker.usable_cores()} threads: {exc}; load average "
                     f"{os.getloadavg()[0]:.1f} (an oversubscribed host)", pytrace=False)
     finally:
         llm.close()
