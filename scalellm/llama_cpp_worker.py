@@ -25,6 +25,13 @@ import struct
 import sys
 import time
 
+try:
+    # Before numpy: on the H100 (llama-cpp-python 0.3.36 CUDA build, numpy 2.5) importing numpy first
+    # made every GPU model load die with SIGSEGV; llama_cpp first, it runs. (Measured 2026-11-26.)
+    import llama_cpp as _llama_cpp_first  # noqa: F401
+except ImportError:  # reported by open_model, where a model is asked for
+    pass
+
 import numpy as np
 
 #: Frame header: the pickle's length in bytes.
