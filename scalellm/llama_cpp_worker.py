@@ -5,9 +5,10 @@ with ``GGML_CUDA=on``), llama.cpp's CUDA build and torch's CUDA cannot share a p
 ``import torch, llama_cpp; torch.zeros(1).cuda(); llama_cpp.Llama(path, n_gpu_layers=-1)`` dies with
 SIGSEGV at model load, ``import llama_cpp, torch`` aborts inside torch's import, and neither OpenMP
 off nor ``LD_LIBRARY_PATH`` at torch's CUDA libraries changes that; a process that never imports
-torch loads the model with every layer on the GPU and generates " Paris.". So this module imports
-only numpy, the standard library and (when it opens a model) ``llama_cpp``; ``scalellm/__init__``
-imports nothing.
+torch loads the model with every layer on the GPU and generates " Paris.", provided ``llama_cpp`` is
+imported before numpy (numpy first: the same SIGSEGV at every GPU load). So this module imports only
+``llama_cpp`` (first, when installed), numpy and the standard library; ``scalellm/__init__`` imports
+nothing.
 
 Run as ``python -m scalellm.llama_cpp_worker``: the first frame on stdin is the keyword arguments of
 :func:`open_model`; the worker answers ``("ok", info)`` or ``("err", exception)``, then serves
