@@ -87,6 +87,19 @@ def greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, device:
     return Generation(list(prompt_ids), new, text, prefill, decode)
 
 
+def transformers_greedy_ids(model, tokenizer, prompt_ids: list[int], new_tokens: int, device: str) -> list[int]:
+    """The ``new_tokens`` token ids transformers' own ``generate(do_sample=False)`` appends to
+    ``prompt_ids`` (no stop at eos): the yardstick :func:`greedy` is held to."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids], device=device),
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
+                             do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=tokenizer.eos_token_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of ``prompt`` as a user turn under the tokenizer's chat template (plain text if none)."""
     if getattr(tokenizer, "chat_template", None):

@@ -25,6 +25,7 @@ from scalellm.baselines import Tolerance
 from scalellm.gguf_file import numpy_shape, open_gguf
 from scalellm.quant import gguf as ref
 from suites.gguf.conftest import method_name
+from suites.helpers.quality_rows import record_quality_rows
 
 pytestmark = [pytest.mark.gguf, pytest.mark.quality]
 
@@ -91,13 +92,7 @@ def test_quality_against_fp32_reference(ftype, device, llama_cpp_files, referenc
     finally:
         llm.close()
     method = method_name(ftype)
-    record_metric(tables.metric_name("perplexity", method), q.perplexity, unit="ppl", better="lower", tolerance=PPL_TOL)
-    record_metric(tables.metric_name("kld_mean", method), q.kld_mean, unit="nats/token", better="lower",
-                  tolerance=KLD_TOL)
-    record_metric(tables.metric_name("top1_agreement", method), q.top1_agreement, unit="fraction", better="higher",
-                  tolerance=TOP1_TOL)
-    record_metric(tables.metric_name("dlogit_p999", method), q.dlogit_p999, unit="logit", better="lower",
-                  tolerance=DLOGIT_TOL)
+    record_quality_rows(record_metric, method, q, ppl=PPL_TOL, kld=KLD_TOL, top1=TOP1_TOL, dlogit=DLOGIT_TOL)
     assert 0.0 <= q.kld_mean <= KLD_CEILING[ftype], q
 
 

@@ -22,6 +22,7 @@ import pytest
 from scalellm import generate, gptq_library
 from scalellm.baselines import Tolerance
 from suites.gptq.conftest import LIBRARY_METHOD, LIBRARY_SETTINGS, WINDOW, Spec
+from suites.helpers.quality_rows import record_quality_rows
 
 pytestmark = [pytest.mark.gptq, pytest.mark.reference]
 
@@ -160,16 +161,10 @@ def test_loaded_model_still_computes_after_save(round_trip):
 
 def test_reloaded_model_decodes_as_transformers_generate(device, library_runs, tokenizer):
     """The timed greedy loop on the reloaded GPTQ model gives the tokens of ``generate(do_sample=False)``."""
-    import torch
-
     model = library_runs.reloaded(device)
     ids = tokenizer(FACT_PROMPT)["input_ids"]
     ours = generate.greedy(model, tokenizer, ids, NEW_TOKENS, device, stop_at_eos=False)
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids),
-                             dtype=torch.long, device=device), do_sample=False, max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.eos_token_id)
-    assert ours.new_ids == out[0, len(ids):].tolist()
+    assert ours.new_ids == generate.transformers_greedy_ids(model, tokenizer, ids, NEW_TOKENS, device)
 
 
 def test_reloaded_model_answers_the_capital_of_france(device, library_runs, tokenizer, model_path):
@@ -189,18 +184,12 @@ def test_library_rows_and_beats_round_to_nearest(device, library_runs, real_runs
     Its figures include bf16 compute (TorchLinear refuses fp32; gptq_library's docstring), which alone
     costs about 0.001 nats of KLD on this model (FINDINGS: bf16 loading), far below GPTQ's own error.
     """
-    from scalellm import quality, tables
+    from scalellm import quality
     from suites.gptq.test_quality import KLD_TOL, PPL_TOL, TOP1_TOL
 
     q = quality.compare(library_runs.reloaded(device), eval_ids, real_runs.reference(device), device, WINDOW)
     rtn = real_runs.run(device, Spec("rtn", LIBRARY_SETTINGS.bits, LIBRARY_SETTINGS.group_size)).quality
-    method = LIBRARY_METHOD
-    record_metric(tables.metric_name("perplexity", method), q.perplexity, unit="ppl", better="lower",
-                  tolerance=PPL_TOL)
-    record_metric(tables.metric_name("kld_mean", method), q.kld_mean, unit="nats/token", better="lower",
-                  tolerance=KLD_TOL)
-    record_metric(tables.metric_name("top1_agreement", method), q.top1_agreement, unit="fraction",
-                  better="higher", tolerance=TOP1_TOL)
+    record_quality_rows(record_metric, LIBRARY_METHOD, q, ppl=PPL_TOL, kld=KLD_TOL, top1=TOP1_TOL)
     assert q.kld_mean < rtn.kld_mean, f"library GPTQ KLD {q.kld_mean:.4f} vs RTN {rtn.kld_mean:.4f}"
 
 

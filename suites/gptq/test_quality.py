@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-from scalellm import tables
 from scalellm.baselines import Tolerance
 from suites.gptq.conftest import Spec
+from suites.helpers.quality_rows import record_quality_rows
 
 pytestmark = [pytest.mark.gptq, pytest.mark.quality]
 
@@ -69,10 +69,5 @@ def test_gptq_layer_error_below_rtn_on_the_real_model(device, real_runs, record_
 def test_cross_method_rows(device, spec, real_runs, record_metric):
     """Perplexity, mean KLD and top-1 agreement against fp32, stored as baselines (the table's rows)."""
     q = real_runs.run(device, spec).quality
-    record_metric(tables.metric_name("perplexity", spec.name), q.perplexity, unit="ppl", better="lower",
-                  tolerance=PPL_TOL)
-    record_metric(tables.metric_name("kld_mean", spec.name), q.kld_mean, unit="nats/token", better="lower",
-                  tolerance=KLD_TOL)
-    record_metric(tables.metric_name("top1_agreement", spec.name), q.top1_agreement, unit="fraction",
-                  better="higher", tolerance=TOP1_TOL)
+    record_quality_rows(record_metric, spec.name, q, ppl=PPL_TOL, kld=KLD_TOL, top1=TOP1_TOL)
     assert q.perplexity >= q.reference_perplexity * 0.9 and q.kld_mean > 0

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from scalellm import quality, tables
+from scalellm import quality
 from scalellm.baselines import Tolerance
+from suites.helpers.quality_rows import record_quality_rows
 from suites.model import METHOD_PARAMS
 
 pytestmark = [pytest.mark.quality]
@@ -41,14 +42,7 @@ def test_quality_against_fp32_reference(method_name, device, models_cache, corpu
     model = models_cache.model(method_name, device)
     reference = models_cache.reference(device, corpus.ids)
     q = quality.compare(model, corpus.ids, reference, device)
-    record_metric(tables.metric_name("perplexity", method_name), q.perplexity, unit="ppl", better="lower",
-                  tolerance=PPL_TOL)
-    record_metric(tables.metric_name("kld_mean", method_name), q.kld_mean, unit="nats/token", better="lower",
-                  tolerance=KLD_TOL)
-    record_metric(tables.metric_name("top1_agreement", method_name), q.top1_agreement, unit="fraction",
-                  better="higher", tolerance=TOP1_TOL)
-    record_metric(tables.metric_name("dlogit_p999", method_name), q.dlogit_p999, unit="logit", better="lower",
-                  tolerance=DLOGIT_TOL)
+    record_quality_rows(record_metric, method_name, q, ppl=PPL_TOL, kld=KLD_TOL, top1=TOP1_TOL, dlogit=DLOGIT_TOL)
     assert 0.0 <= q.kld_mean <= KLD_CEILING[method_name], q
 
 
