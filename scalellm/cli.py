@@ -56,8 +56,11 @@ def cmd_check(args, extra: list[str]) -> int:
     expr = device if not args.m else f"{device} and ({args.m})"
     out = Path(args.reports).resolve() / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-m", expr, "-ra", "--report-dir", str(out),
-           "--junitxml", str(out / "junit.xml"), "-o", "junit_family=xunit2"]
+    # The rootdir and config file pinned, paths written --opt=PATH: pytest picks its rootdir from the free
+    # arguments before it knows the suite's options, so `--report-dir DIR` outside the checkout would make
+    # DIR the rootdir (pytest-dev/pytest#8846; scalellm_pytest.py). Pinned, PYTEST ARGS cannot move it.
+    cmd = [sys.executable, "-m", "pytest", f"--rootdir={root}", f"--config-file={root / 'pyproject.toml'}",
+           "-m", expr, "-ra", f"--report-dir={out}", f"--junitxml={out / 'junit.xml'}", "-o", "junit_family=xunit2"]
     if args.device != "auto" and device != "cpu":
         cmd.append("--require-device")  # asked for a GPU by name: its absence is a fault
     if args.update_baselines:
