@@ -1,4 +1,4 @@
-"""Root conftest: options, the device parametrization, gating, and the metric fixture.
+"""Root conftest: the device parametrization, gating, and the metric fixture.
 
 Configuration flows one way: command line and markers -> these fixtures -> suites -> scalellm.
 """
@@ -20,10 +20,13 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from scalellm import devices  # noqa: E402
-from scalellm.baselines import BaselineError, BaselineStore, Metric, Tolerance  # noqa: E402
+from scalellm.baselines import LEVELS, BaselineError, BaselineStore, Metric, Tolerance  # noqa: E402
 from suites.helpers.recorder import MetricRecorder  # noqa: E402
 
-pytest_plugins = ("pytester",)  # the harness self-tests run small suites through this conftest
+# pytester: the harness self-tests run small suites through this conftest. scalellm_pytest: the options
+# (--baseline-dir, --report-dir, --update-baselines, --require-device, --model), also the installed
+# pytest11 entry point, which makes them work with paths outside the checkout (its docstring says how).
+pytest_plugins = ("pytester", "scalellm_pytest")
 
 DEVICE_MARKERS = devices.DEVICES + ("multigpu",)
 
@@ -37,21 +40,6 @@ settings.register_profile("nightly", parent=settings.get_profile("dev"), max_exa
 settings.load_profile(os.environ.get("SCALELLM_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-def pytest_addoption(parser):
-    group = parser.getgroup("scalellm")
-    group.addoption("--update-baselines", action="store_true",
-                    help="store the figures of passing tests as the new baselines (atomic; never on an "
-                         "interrupted run)")
-    group.addoption("--baseline-dir", default=None, metavar="PATH",
-                    help="baseline store to compare with (default: baselines/ beside this conftest)")
-    group.addoption("--require-device", action="store_true",
-                    help="an absent device is an error, not a skip (for GPU boxes, where it is a fault)")
-    group.addoption("--report-dir", default=None, metavar="DIR",
-                    help="write results.json and summary.md of this run into DIR")
-    group.addoption("--model", default=None, metavar="PATH", dest="model_path",
-                    help="run the real-model checks on this local HF checkpoint instead of SmolLM2")
-
-
 def pytest_configure(config):
     root = config.rootpath
     store = BaselineStore(config.getoption("--baseline-dir") or root / "baselines")
@@ -59,8 +47,16 @@ def pytest_configure(config):
         store.validate_all()
     except BaselineError as exc:
         raise pytest.UsageError(f"bad baseline file: {exc}") from exc
+    try:
+        for device in devices.DEVICES:
+            devices.class_override(device)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+    levels = tuple(v.strip() for v in config.getoption("--update-levels").split(","))
+    if set(levels) - set(LEVELS):
+        raise pytest.UsageError(f"--update-levels {','.join(levels)}: expected a comma list of {', '.join(LEVELS)}")
     recorder = MetricRecorder(store, update=config.getoption("--update-baselines"),
-                              report_dir=config.getoption("--report-dir"))
+                              report_dir=config.getoption("--report-dir"), update_levels=levels)
     config.pluginmanager.register(recorder, "scalellm-recorder")
     config.stash[RECORDER] = recorder
 

@@ -1,16 +1,29 @@
-"""The baseline store: stored figures per device class, compared with each run.
+"""The baseline store: stored figures, each filed where it applies, compared with each run.
 
-A *metric* is (test id, name, value, unit, which direction is better, tolerance with its reason).
-Baselines live in ``<root>/<device-class>/<suite module>.json``, one file per suite module so a
-diff stays reviewable. Each file records the environment every figure was measured in::
+A *metric* is (test id, name, value, unit, which direction is better, tolerance with its reason,
+scope). Its *scope* is the widest set of machines on which the figure must agree, given the same
+library stack (the rules that choose it: ``suites/helpers/scopes.py``):
+
+- ``any``: every device (reference-vs-library facts, round-trip errors, device-independent quality);
+- ``kind``: one device kind, ``cpu``, ``cuda`` or ``mps`` (allocator peaks, bytes held, quality
+  figures whose kernels differ by kind);
+- ``class``: one hardware model, its device class (``scalellm.devices``: throughput, anything that
+  depends on the chip).
+
+Baselines live in ``<root>/<applies to>/<suite module>.json``, where *applies to* is ``any``, a kind
+(``cuda``) or a class (``cuda-nvidia-h100-80gb-hbm3``). A run looks a figure up at its class, then
+its kind, then ``any``, never wider than the figure's scope, and says which level and which machine
+the baseline came from. Keys are node ids less their path and device (``test_x[nf4]``), so a cpu
+and a cuda run of one test meet at one ``kind``/``any`` entry. Each file records the environment
+every figure was measured in::
 
     {
-      "schema": "scalellm.baselines/1",
-      "device_class": "cpu-x86_64",
+      "schema": "scalellm.baselines/2",
+      "applies_to": "cuda", "level": "kind",
       "environments": {"<id>": {<fingerprint>}},
-      "metrics": {"<test name>": {"<metric>": {"value": ..., "unit": ..., "better": ...,
-                                              "tolerance": {...}, "samples": [...],
-                                              "environment": "<id>"}}}
+      "metrics": {"<test key>": {"<metric>": {"value": ..., "unit": ..., "better": ...,
+                                             "tolerance": {...}, "samples": [...],
+                                             "environment": "<id>", "recorded_on": "<device class>"}}}
     }
 
 Files change only through :meth:`BaselineStore.update`, which writes a temporary file beside the
@@ -28,9 +41,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from scalellm import environment, stats
+from scalellm.devices import DEVICES
 
-SCHEMA = "scalellm.baselines/1"
+SCHEMA = "scalellm.baselines/2"
+#: The layout before scopes: one folder per device class. ``scripts/migrate_baselines.py`` converts it.
+SCHEMA_V1 = "scalellm.baselines/1"
 DIRECTIONS = ("lower", "higher", "equal")
+#: Where a baseline applies, narrowest first: the order in which a figure is looked up.
+LEVELS = ("class", "kind", "any")
+#: The folder of figures that apply on every device.
+ANY = "any"
 
 try:  # POSIX advisory locks; on other systems writers are not expected to run concurrently.
     import fcntl
@@ -73,10 +93,13 @@ class Metric:
     better: str  # "lower", "higher" or "equal"
     tolerance: Tolerance = field(default_factory=Tolerance)
     samples: tuple[float, ...] | None = None  # repeated measurements; value is their median
+    scope: str = "class"  # the widest level its baseline applies at (LEVELS)
 
     def __post_init__(self):
         if self.better not in DIRECTIONS:
             raise ValueError(f"metric {self.name!r}: better={self.better!r}, expected one of {DIRECTIONS}")
+        if self.scope not in LEVELS:
+            raise ValueError(f"metric {self.name!r}: scope={self.scope!r}, expected one of {LEVELS}")
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -89,7 +112,7 @@ class Metric:
         return cls(
             test_id=data["test_id"], name=data["name"], value=float(data["value"]), unit=data["unit"],
             better=data["better"], tolerance=Tolerance(**data.get("tolerance", {})),
-            samples=tuple(samples) if samples is not None else None,
+            samples=tuple(samples) if samples is not None else None, scope=data.get("scope", "class"),
         )
 
 
@@ -101,6 +124,17 @@ class Baseline:
     tolerance: Tolerance
     samples: tuple[float, ...] | None
     environment: dict  # the fingerprint it was measured in
+    applies_to: str = ""  # the folder it was found in: a device class, a kind or "any"
+    recorded_on: str = ""  # the device class of the machine that measured it
+
+    @property
+    def level(self) -> str:
+        return level_of(self.applies_to) if self.applies_to else ""
+
+    def provenance(self) -> str:
+        """'kind cuda, recorded on cuda-nvidia-h100-80gb-hbm3'."""
+        where = f"{self.level} {self.applies_to}" if self.level != "any" else "any device"
+        return f"{where}, recorded on {self.recorded_on or 'an unnamed machine'}"
 
 
 @dataclass(frozen=True)
@@ -113,12 +147,15 @@ class Verdict:
 # ---------------------------------------------------------------- comparison
 
 
-def compare(metric: Metric, baseline: Baseline | None, current_env: dict) -> Verdict:
-    """The verdict on one measured figure against its stored baseline."""
+def compare(metric: Metric, baseline: Baseline | None, current_env: dict, looked_in: tuple[str, ...] = ()) -> Verdict:
+    """The verdict on one measured figure against its stored baseline (``looked_in``: where a missing
+    one was looked for, for the message)."""
     if math.isnan(metric.value):
         return Verdict("fail", f"{_label(metric)}: measured NaN", baseline)
     if baseline is None:
-        return Verdict("new", f"{_label(metric)}: {_fmt(metric.value, metric.unit)} is new (no baseline)")
+        where = f" at {', '.join(looked_in)}" if looked_in else ""
+        return Verdict("new", f"{_label(metric)}: {_fmt(metric.value, metric.unit)} is new (no baseline{where}; "
+                              f"scope {metric.scope})")
     if (baseline.unit, baseline.better) != (metric.unit, metric.better):
         return Verdict("fail", f"{_label(metric)}: baseline is in {baseline.unit!r} ({baseline.better} is better), "
                                f"measured in {metric.unit!r} ({metric.better} is better)", baseline)
@@ -126,6 +163,8 @@ def compare(metric: Metric, baseline: Baseline | None, current_env: dict) -> Ver
         ok, detail = _compare_samples(metric, baseline)
     else:
         ok, detail = _compare_point(metric, baseline)
+    if baseline.applies_to:
+        detail += f"; baseline from {baseline.provenance()}"
     if ok:
         return Verdict("pass", f"{_label(metric)}: {detail}", baseline)
     diffs = environment.differences(baseline.environment, current_env)
@@ -175,17 +214,46 @@ def file_stem(test_id: str) -> str:
     return ".".join(parts)
 
 
-def test_key(test_id: str) -> str:
-    """The key inside the file: the node id less its path ('t[cpu]', 'TestX::t[cpu]')."""
-    return test_id.split("::", 1)[1] if "::" in test_id else test_id
+def test_key(test_id: str, device: str | None = None) -> str:
+    """The key inside the file: the node id less its path and its device parameter
+    ('t[cpu-nf4]' -> 't[nf4]', 't[cpu]' -> 't', 'TestX::t[cuda]' -> 'TestX::t')."""
+    key = test_id.split("::", 1)[1] if "::" in test_id else test_id
+    if device is None or not key.endswith("]") or "[" not in key:
+        return key
+    name, params = key[:-1].split("[", 1)
+    parts = params.split("-")
+    if device in parts:
+        parts.remove(device)  # the device's id is its name (conftest's parametrization)
+    return f"{name}[{'-'.join(parts)}]" if parts else name
 
 
-def _empty(device_class: str) -> dict:
-    return {"schema": SCHEMA, "device_class": device_class, "environments": {}, "metrics": {}}
+def level_of(applies_to: str) -> str:
+    """The level of a store folder: 'any', a kind ('cpu') or a device class ('cpu-amd-epyc-avx2-2c')."""
+    if applies_to == ANY:
+        return "any"
+    return "kind" if applies_to in DEVICES else "class"
 
 
-def read_file(path: Path, device_class: str) -> dict:
-    """A validated baseline file; :class:`BaselineError` names the file and the problem."""
+def lookup_order(device_class: str, scope: str) -> tuple[str, ...]:
+    """The folders a figure of ``scope`` measured on ``device_class`` is looked up in, narrowest first."""
+    names = {"class": device_class, "kind": device_class.split("-", 1)[0], "any": ANY}
+    return tuple(names[level] for level in LEVELS[:LEVELS.index(scope) + 1])
+
+
+def applies_to(device_class: str, scope: str) -> str:
+    """The folder a figure of ``scope`` measured on ``device_class`` is written to."""
+    return lookup_order(device_class, scope)[-1]
+
+
+def _empty(applies: str) -> dict:
+    return {"schema": SCHEMA, "applies_to": applies, "level": level_of(applies), "environments": {}, "metrics": {}}
+
+
+def read_file(path: Path, applies: str) -> dict:
+    """A validated baseline file of the folder ``applies``; :class:`BaselineError` names the file and the problem."""
+    if applies.split("-", 1)[0] not in DEVICES + (ANY,):
+        raise BaselineError(path, f"folder {applies!r} is neither 'any', a device kind ({', '.join(DEVICES)}) nor a "
+                                  "device class starting with one")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -194,11 +262,15 @@ def read_file(path: Path, device_class: str) -> dict:
         raise BaselineError(path, f"cannot be read ({exc})") from exc
     if not isinstance(data, dict):
         raise BaselineError(path, "top level is not a JSON object")
+    if data.get("schema") == SCHEMA_V1:
+        raise BaselineError(path, f"schema is {SCHEMA_V1!r}, the layout before baseline scopes; this scalellm reads "
+                                  f"{SCHEMA!r}: convert the store with `python scripts/migrate_baselines.py "
+                                  f"{path.parent.parent}`")
     if data.get("schema") != SCHEMA:
         raise BaselineError(path, f"schema is {data.get('schema')!r}, this scalellm reads {SCHEMA!r}")
-    if data.get("device_class") != device_class:
-        raise BaselineError(path, f"recorded for device class {data.get('device_class')!r} "
-                                  f"but filed under {device_class!r}")
+    if data.get("applies_to") != applies or data.get("level") != level_of(applies):
+        raise BaselineError(path, f"applies to {data.get('level')} {data.get('applies_to')!r} "
+                                  f"but is filed under {applies!r} ({level_of(applies)})")
     envs, metrics = data.get("environments"), data.get("metrics")
     if not isinstance(envs, dict) or not isinstance(metrics, dict):
         raise BaselineError(path, "'environments' and 'metrics' must both be objects")
@@ -212,7 +284,7 @@ def _check_record(path: Path, test: str, name: str | None, record, envs: dict) -
     where = f"metric {name!r} of {test!r}"
     if not isinstance(record, dict):
         raise BaselineError(path, f"{where} is not an object")
-    missing = [k for k in ("value", "unit", "better", "environment") if k not in record]
+    missing = [k for k in ("value", "unit", "better", "environment", "recorded_on") if k not in record]
     if missing:
         raise BaselineError(path, f"{where} lacks {', '.join(missing)}")
     if not isinstance(record["value"], (int, float)) or isinstance(record["value"], bool):
@@ -230,59 +302,69 @@ class BaselineStore:
         self.root = Path(root)
         self._cache: dict[Path, dict] = {}
 
-    def path(self, device_class: str, test_id: str) -> Path:
-        return self.root / device_class / f"{file_stem(test_id)}.json"
+    def path(self, applies: str, test_id: str) -> Path:
+        return self.root / applies / f"{file_stem(test_id)}.json"
 
     def validate_all(self) -> list[Path]:
-        """Read every file in the store; raises :class:`BaselineError` on the first bad one."""
+        """Read every file in the store; raises :class:`BaselineError` on the first bad one (a folder
+        name that is no device kind, class or ``any`` too)."""
         paths = sorted(self.root.glob("*/*.json")) if self.root.is_dir() else []
         for path in paths:
             self._read(path, path.parent.name)
         return paths
 
-    def _read(self, path: Path, device_class: str) -> dict:
+    def _read(self, path: Path, applies: str) -> dict:
         if path not in self._cache:
-            self._cache[path] = read_file(path, device_class) if path.exists() else _empty(device_class)
+            self._cache[path] = read_file(path, applies) if path.exists() else _empty(applies)
         return self._cache[path]
 
-    def get(self, device_class: str, test_id: str, name: str) -> Baseline | None:
-        data = self._read(self.path(device_class, test_id), device_class)
-        record = data["metrics"].get(test_key(test_id), {}).get(name)
-        if record is None:
-            return None
-        samples = record.get("samples")
-        return Baseline(
-            value=float(record["value"]), unit=record["unit"], better=record["better"],
-            tolerance=Tolerance(**record.get("tolerance", {})),
-            samples=tuple(samples) if samples else None,
-            environment=data["environments"][record["environment"]],
-        )
+    def get(self, device_class: str, test_id: str, name: str, scope: str = "class") -> Baseline | None:
+        """The narrowest stored baseline of the figure ``name`` of ``test_id`` measured on ``device_class``,
+        looked up at its class, its kind, then ``any``, never wider than ``scope``."""
+        key = test_key(test_id, device_class.split("-", 1)[0])
+        for applies in lookup_order(device_class, scope):
+            data = self._read(self.path(applies, test_id), applies)
+            record = data["metrics"].get(key, {}).get(name)
+            if record is not None:
+                samples = record.get("samples")
+                return Baseline(
+                    value=float(record["value"]), unit=record["unit"], better=record["better"],
+                    tolerance=Tolerance(**record.get("tolerance", {})),
+                    samples=tuple(samples) if samples else None,
+                    environment=data["environments"][record["environment"]],
+                    applies_to=applies, recorded_on=record["recorded_on"],
+                )
+        return None
 
     def update(self, device_class: str, metrics: list[Metric], env: dict) -> list[Path]:
-        """Store ``metrics`` (measured in ``env``) for ``device_class``; returns the files written."""
-        by_path: dict[Path, list[Metric]] = {}
+        """Store ``metrics`` (measured in ``env`` on ``device_class``), each in the folder its scope
+        says; returns the files written."""
+        by_path: dict[tuple[Path, str], list[Metric]] = {}
         for metric in metrics:
-            by_path.setdefault(self.path(device_class, metric.test_id), []).append(metric)
-        for path, group in sorted(by_path.items()):
+            applies = applies_to(device_class, metric.scope)
+            by_path.setdefault((self.path(applies, metric.test_id), applies), []).append(metric)
+        device = device_class.split("-", 1)[0]
+        for (path, applies), group in sorted(by_path.items()):
             path.parent.mkdir(parents=True, exist_ok=True)
             with _locked(path):
-                data = read_file(path, device_class) if path.exists() else _empty(device_class)
+                data = read_file(path, applies) if path.exists() else _empty(applies)
                 env_id = environment.fingerprint_id(env)
                 data["environments"][env_id] = env
                 for metric in group:
-                    data["metrics"].setdefault(test_key(metric.test_id), {})[metric.name] = _record(metric, env_id)
+                    record = _record(metric, env_id, device_class)
+                    data["metrics"].setdefault(test_key(metric.test_id, device), {})[metric.name] = record
                 _drop_unused_environments(data)
                 write_atomic(path, _dump(data))
             self._cache.pop(path, None)
-        return sorted(by_path)
+        return sorted(path for path, _ in by_path)
 
 
-def _record(metric: Metric, env_id: str) -> dict:
+def _record(metric: Metric, env_id: str, recorded_on: str) -> dict:
     return {
         "value": metric.value, "unit": metric.unit, "better": metric.better,
         "tolerance": asdict(metric.tolerance),
         "samples": list(metric.samples) if metric.samples is not None else None,
-        "environment": env_id,
+        "environment": env_id, "recorded_on": recorded_on,
     }
 
 

@@ -1,8 +1,18 @@
-"""Which devices this machine has, and the *device class* a baseline is filed under.
+"""Which devices this machine has, and the *device class* that names its hardware.
 
-A device class names the hardware a figure was measured on, so figures are only ever compared
-with figures from the same kind of hardware: ``cpu-x86_64``, ``cuda-nvidia-h100-80gb-hbm3``,
-``mps-apple-m2``.
+A device class is the hardware that sets a figure's speed, so a ``class``-scoped baseline is only
+compared on the same class (``scalellm.baselines``: levels):
+
+- cpu: vendor and model, the ISA path the kernels take, and the cores this process may use:
+  ``cpu-intel-xeon-amx-2c``, ``cpu-amd-epyc-avx2-2c``. bitsandbytes and ggml pick their CPU kernels
+  from the processor's flags (AVX2, AVX512, AVX512-BF16, AMX), and a 2-core and a 16-core box differ
+  in every throughput figure;
+- cuda: the GPU model, ``cuda-nvidia-h100-80gb-hbm3``;
+- mps: the Apple chip, ``mps-apple-m2-pro``.
+
+``SCALELLM_DEVICE_CLASS`` overrides the class of a run (comma list, one class per device, each
+starting with its device: ``cpu-elsewhere,cuda-my-card``), e.g. to show what a machine without class
+baselines gets.
 """
 
 from __future__ import annotations
@@ -13,10 +23,20 @@ import re
 import subprocess
 from dataclasses import dataclass
 
+from scalellm import environment
+
 DEVICES = ("cpu", "cuda", "mps")
 
 #: Restricts the devices that count as present (comma list), like bitsandbytes' BNB_TEST_DEVICE.
 DEVICES_ENV = "SCALELLM_DEVICES"
+#: Overrides the device class of a run: a comma list of classes, each starting with its device.
+DEVICE_CLASS_ENV = "SCALELLM_DEVICE_CLASS"
+
+#: The ISA path of x86 CPU kernels, fastest first: (name, the /proc/cpuinfo flag that enables it).
+#: bitsandbytes' CPU backend and ggml dispatch on these flags (AMX tiles, AVX512-BF16, AVX512F, AVX2).
+ISA_PATHS = (("amx", "amx_bf16"), ("avx512bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"))
+#: Words of a CPU's marketing name that say nothing about its speed.
+_CPU_NAME_NOISE = re.compile(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\bwith\b.*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -77,14 +97,51 @@ def _mac_chip() -> str:
         return "apple"
 
 
+def isa_path(flags, machine: str | None = None) -> str:
+    """The fastest ISA path of ``flags`` (``ISA_PATHS``); non-x86 machines name their architecture."""
+    flags = set(flags)
+    for name, flag in ISA_PATHS:
+        if flag in flags:
+            return name
+    return slug(machine or platform.machine())
+
+
+def cpu_class(model: str, flags, cores: int, machine: str | None = None) -> str:
+    """``cpu-<vendor-model>-<isa path>-<cores>c``, e.g. 'Intel(R) Xeon(R) Processor' with AMX on 2 cores
+    -> ``cpu-intel-xeon-amx-2c``."""
+    name = slug(_CPU_NAME_NOISE.sub(" ", model)) or slug(machine or platform.machine())
+    return f"cpu-{name}-{isa_path(flags, machine)}-{cores}c"
+
+
+def class_override(device: str) -> str | None:
+    """The class ``SCALELLM_DEVICE_CLASS`` names for ``device``, or None; a malformed value raises."""
+    value = os.environ.get(DEVICE_CLASS_ENV, "").strip()
+    if not value:
+        return None
+    chosen = None
+    for item in (v.strip() for v in value.split(",")):
+        kind = item.split("-", 1)[0]
+        if kind not in DEVICES or item == kind or slug(item) != item:
+            raise ValueError(f"{DEVICE_CLASS_ENV}={value!r}: {item!r} is not a device class "
+                             f"(lower-case, dash-separated, starting with one of {', '.join(DEVICES)}, "
+                             "e.g. cpu-elsewhere)")
+        if kind == device:
+            chosen = item
+    return chosen
+
+
 def device_class(device: str, *, gpu_name: str | None = None, machine: str | None = None) -> str:
-    """The baseline directory name for ``device`` on this machine.
+    """The device class of ``device`` on this machine (``SCALELLM_DEVICE_CLASS`` overrides it).
 
     ``gpu_name`` and ``machine`` override what would be read from the hardware (for tests and
     for naming another machine's store).
     """
+    override = class_override(device) if device in DEVICES else None
+    if override:
+        return override
     if device == "cpu":
-        return f"cpu-{slug(machine or platform.machine())}"
+        model, flags = environment.cpu_model_and_flags()
+        return cpu_class(model, flags, environment.usable_cores(), machine)
     if device == "cuda":
         name = gpu_name or _torch().cuda.get_device_name(0)
         return f"cuda-{slug(name)}"

@@ -30,7 +30,7 @@ TRACKED_PACKAGES = (
     "optimum",
 )
 
-#: CPU flags that select code paths in bitsandbytes' CPU backend (FINDINGS.md).
+#: CPU flags that select code paths in bitsandbytes' and ggml's CPU kernels (devices.ISA_PATHS).
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16")
 
 
@@ -41,7 +41,7 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def _cpu_model_and_flags() -> tuple[str, list[str]]:
+def cpu_model_and_flags() -> tuple[str, list[str]]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -54,6 +54,15 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
         elif key.strip() == "flags" and not flags:
             flags = set(value.split())
     return model or platform.machine(), [f for f in CPU_FLAGS if f in flags]
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask, not ``os.cpu_count()``, which counts the
+    whole host's (a 16-core container on a large GPU server sees all of the server's cores)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def git_commit(repo: Path | None = None) -> str | None:
@@ -103,12 +112,13 @@ def _cuda_facts() -> dict:
 @lru_cache(maxsize=1)
 def fingerprint() -> dict:
     """Everything that may move a figure, as a flat, JSON-ready dict with sorted keys."""
-    cpu, flags = _cpu_model_and_flags()
+    cpu, flags = cpu_model_and_flags()
     facts = {
         "python": platform.python_version(),
         "platform": f"{platform.system()}-{platform.machine()}",
         "cpu": cpu,
         "cpu_flags": ",".join(flags),
+        "cpu_cores": usable_cores(),
         "scalellm_commit": git_commit(),
         **{name: package_version(name) for name in TRACKED_PACKAGES},
         **_cuda_facts(),

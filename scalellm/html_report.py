@@ -22,7 +22,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from scalellm import environment, planner, results, stats
+from scalellm import environment, planner, report, results, stats
 from scalellm.report import STATUS_ORDER
 
 #: Trend plots drawn at most (the rest are listed in the table only), to keep the page small.
@@ -82,7 +82,8 @@ def status_rows(entries: list[RunEntry]) -> list[dict]:
         verdict = rule_verdict(m, previous.get(_key(m)))
         rows.append({"status": m["status"], "device_class": m["device_class"],
                      "test": m["test_id"].split("::", 1)[-1], "name": m["name"], "value": m["value"],
-                     "baseline": m.get("baseline"), "unit": m["unit"], "better": m["better"],
+                     "baseline": m.get("baseline"), "source": report.baseline_source(m),
+                     "unit": m["unit"], "better": m["better"],
                      "message": m.get("message", ""), "env_diff": diffs, "rule": verdict,
                      "rule_flagged": verdict.startswith("REGRESSED")})
     return rows
@@ -162,14 +163,16 @@ Latest: tests {% for k, n in counts.items() %}{{ n }} {{ k }}{% if not loop.last
 <h2 id="status">Status against baselines</h2>
 <p class="glance">{% for k, n in status_counts.items() %}<span class="{{ k }}">{{ n }} {{ k|upper }}</span> {% endfor %}
 {% if flagged %}<span class="fail">{{ flagged }} run-over-run regression(s)</span>{% endif %}</p>
+<p id="levels">{{ level_line }}{% if record_hint %}<br>{{ record_hint }}{% endif %}</p>
 <p>Regression rule for repeated samples: {{ rule }}</p>
 {% macro status_table(rows, id) %}
 <table id="{{ id }}">
-<tr><th>status</th><th>device class</th><th>test</th><th>metric</th><th>measured</th><th>baseline</th><th>unit</th>
+<tr><th>status</th><th>device class</th><th>test</th><th>metric</th><th>measured</th><th>baseline</th>
+<th>baseline from</th><th>unit</th>
 <th>better</th><th>run-over-run rule</th><th>environment differences (baseline &rarr; run)</th></tr>
 {% for r in rows %}
 <tr class="{{ r.status }}"><td>{{ r.status|upper }}</td><td>{{ r.device_class }}</td><td>{{ r.test }}</td>
-<td>{{ r.name }}</td><td>{{ fmt(r.value) }}</td><td>{{ fmt(r.baseline) }}</td><td>{{ r.unit }}</td>
+<td>{{ r.name }}</td><td>{{ fmt(r.value) }}</td><td>{{ fmt(r.baseline) }}</td><td>{{ r.source }}</td><td>{{ r.unit }}</td>
 <td>{{ r.better }}</td><td>{{ r.rule }}</td>
 <td class="envdiff">{% if r.env_diff %}<ul>{% for k, ab in r.env_diff.items() %}<li>{{ k }}: {{ ab[0] }} &rarr; {{ ab[1] }}</li>{% endfor %}</ul>
 {% elif r.status == 'fail' %}same as the baseline's{% endif %}</td></tr>
@@ -238,6 +241,7 @@ def render(entries: list[RunEntry], *, fit_models=None, include_fit: bool = True
     return template.render(
         runs=entries, counts=latest.outcome_counts(), interrupted=latest.interrupted, attention=attention,
         passing=passing, status_counts=status_counts, flagged=sum(r["rule_flagged"] for r in rows),
+        level_line=report.figure_counts_line(latest.metrics), record_hint=report.record_hint(latest.metrics),
         plots=trend_plots(entries), quality=quality_table(latest.metrics), rule=rule,
         fit=fit_rows(fit_models) if include_fit else [], cards=[f"{g} GiB" for g in planner.CARDS_GIB],
         env=latest.environment, fmt=_fmt)

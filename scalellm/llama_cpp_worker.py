@@ -35,6 +35,8 @@ except ImportError:  # reported by open_model, where a model is asked for
 
 import numpy as np
 
+from scalellm.environment import usable_cores  # the standard library only: keeps the import order
+
 #: Frame header: the pickle's length in bytes.
 _LENGTH = struct.Struct("<Q")
 #: What a parent may ask (methods of :class:`Runner`); ``close`` ends the worker.
@@ -80,15 +82,6 @@ def _sendable(exc: BaseException) -> BaseException:
 
 
 # ---------------------------------------------------------------- llama.cpp in this process
-
-
-def usable_cores() -> int:
-    """Cores this process may run on: its affinity mask, not ``os.cpu_count()``, which counts the
-    whole host's (a 16-core container on a large GPU server sees all of the server's cores)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS has no affinity mask
-        return os.cpu_count() or 1
 
 
 def gpu_layers(device: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from scalellm.baselines import write_atomic
+from scalellm.baselines import LEVELS, write_atomic
 from scalellm.results import Run
 from scalellm.tables import cross_method_table
 
@@ -18,14 +18,57 @@ def _fmt(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+def baseline_source(metric: dict) -> str:
+    """Where a figure's baseline came from: 'kind cuda (cuda-nvidia-h100-80gb-hbm3)', or its scope when
+    it had none ('none at class')."""
+    if metric.get("baseline_applies_to"):
+        level = metric.get("level") or ""
+        where = "any" if level == "any" else f"{level} {metric['baseline_applies_to']}"
+        return f"{where} ({metric.get('baseline_recorded_on') or '?'})"
+    return f"none at {metric.get('scope', 'class')}"
+
+
+def figure_counts(metrics: list[dict]) -> dict[str, dict[str, int]]:
+    """{status: {level: n}}: checked figures by the level their baseline came from, new ones by their scope."""
+    counts: dict[str, dict[str, int]] = {}
+    for m in metrics:
+        level = m.get("level") or m.get("scope", "class")
+        by_level = counts.setdefault(m["status"], {})
+        by_level[level] = by_level.get(level, 0) + 1
+    rank = {s: i for i, s in enumerate(STATUS_ORDER)}
+    return {status: {lv: by[lv] for lv in LEVELS if lv in by} for status, by in
+            sorted(counts.items(), key=lambda kv: rank.get(kv[0], 9))}
+
+
+def figure_counts_line(metrics: list[dict]) -> str:
+    """'figures: 120 pass (class 0, kind 80, any 40) · 40 new (class 40)' (checked by baseline level, new by scope)."""
+    if not metrics:
+        return "figures: none recorded"
+    parts = [f"{sum(by.values())} {status} (" + ", ".join(f"{lv} {n}" for lv, n in by.items()) + ")"
+             for status, by in figure_counts(metrics).items()]
+    return "figures: " + " · ".join(parts)
+
+
+def record_hint(metrics: list[dict]) -> str:
+    """One line saying how to record the figures that had no baseline here, or ''."""
+    new = [m for m in metrics if m["status"] == "new"]
+    if not new:
+        return ""
+    classes = sorted({m["device_class"] for m in new if m.get("scope") == "class"})
+    where = f" (class {', '.join(classes)} has no baselines for them)" if classes else ""
+    return (f"{len(new)} figure(s) have no baseline here{where}: they were reported, not checked. Record them with "
+            "`scalellm check --update-baselines` on a passing run (`--update-levels class` writes only this "
+            "machine's class figures).")
+
+
 def metric_rows(run: Run) -> list[list[str]]:
     rank = {s: i for i, s in enumerate(STATUS_ORDER)}
     ordered = sorted(run.metrics, key=lambda m: (rank.get(m["status"], 9), m["test_id"], m["name"]))
     return [[m["status"].upper(), m["device_class"], m["test_id"].split("::", 1)[-1], m["name"],
-             _fmt(m["value"]), _fmt(m["baseline"]), m["unit"], m["better"]] for m in ordered]
+             _fmt(m["value"]), _fmt(m["baseline"]), baseline_source(m), m["unit"], m["better"]] for m in ordered]
 
 
-METRIC_HEADER = ["status", "device class", "test", "metric", "measured", "baseline", "unit", "better"]
+METRIC_HEADER = ["status", "device class", "test", "metric", "measured", "baseline", "baseline from", "unit", "better"]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -56,12 +99,11 @@ def summary_markdown(run: Run) -> str:
     header, rows = cross_method_table(run.metrics)
     if rows:
         parts += ["## Cross-method quality (real model)", "", markdown_table(header, rows), ""]
-    parts += ["## Figures", ""]
+    parts += ["## Figures", "", figure_counts_line(run.metrics), ""]
+    hint = record_hint(run.metrics)
+    if hint:
+        parts += [hint, ""]
     parts += [markdown_table(METRIC_HEADER, metric_rows(run)) if run.metrics else "No figures recorded.", ""]
-    new = [m for m in run.metrics if m["status"] == "new"]
-    if new:
-        parts += [f"{len(new)} figure(s) have no baseline yet: they were reported, not checked. "
-                  "Record them with `--update-baselines` on a passing run.", ""]
     if run.updated:
         parts += ["## Baselines written", ""] + [f"- `{p}`" for p in run.updated] + [""]
     reasons = skip_reasons(run)
@@ -84,4 +126,6 @@ def terminal_summary(run: Run) -> str:
     table = text_table(METRIC_HEADER, metric_rows(run)) if run.metrics else "no figures recorded"
     header, rows = cross_method_table(run.metrics)
     quality = f"\n\ncross-method quality (real model)\n{text_table(header, rows)}" if rows else ""
-    return f"{table}{quality}\n\ntests: {counts}"
+    hint = record_hint(run.metrics)
+    return f"{table}{quality}\n\n{figure_counts_line(run.metrics)}" + (f"\n{hint}" if hint else "") + \
+        f"\ntests: {counts}"

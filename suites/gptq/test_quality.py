@@ -34,7 +34,8 @@ MIN_SHARE_LINEARS_GPTQ_WINS = 0.95
 #: Deterministic on a device (seeded nothing: the calibration and evaluation tokens are fixed and
 #: the algorithm has no randomness), so a figure moves only with the kernels' summation order:
 #: the same tolerances as suites/model/test_quality.py's quantized methods.
-PPL_TOL = Tolerance(rel=0.01, why="deterministic on a device; 1% covers BLAS summation-order differences")
+PPL_TOL = Tolerance(rel=0.015, why="deterministic on a device; across CPU kernel paths gptq-4bit-g128 measured "
+                                  "13.89 (Intel AVX512/AMX) vs 14.04 (AMD AVX2, +1.1%), N=1 each, 2026-11/12")
 KLD_TOL = Tolerance(rel=0.05, abs=1e-4, why="deterministic on a device; 5% covers summation order, a bug moves "
                                             "KLD by tens of percent")
 TOP1_TOL = Tolerance(abs=0.01, why="1 point = ~10 of 1,022 positions flipping on near-ties")

@@ -96,34 +96,38 @@ def test_samples_of_a_clean_rerun_pass():
 
 # ---- files
 
+CLASS = "cpu-intel-xeon-amx-2c"
+
 
 def test_update_then_get_round_trips(tmp_path):
     store = BaselineStore(tmp_path)
-    store.update("cpu-x86_64", [metric(3.5)], ENV)
-    got = BaselineStore(tmp_path).get("cpu-x86_64", TEST_ID, "ppl")
+    store.update(CLASS, [metric(3.5)], ENV)
+    got = BaselineStore(tmp_path).get(CLASS, TEST_ID, "ppl")
     assert (got.value, got.unit, got.better, got.environment) == (3.5, "1", "lower", ENV)
+    assert (got.level, got.applies_to, got.recorded_on) == ("class", CLASS, CLASS)
 
 
-def test_files_are_named_by_suite_module_with_sorted_keys(tmp_path):
-    [path] = BaselineStore(tmp_path).update("cpu-x86_64", [metric(3.5)], ENV)
-    assert path == tmp_path / "cpu-x86_64" / "quality.test_demo.json"
+def test_files_are_named_by_scope_and_suite_module_with_sorted_keys(tmp_path):
+    [path] = BaselineStore(tmp_path).update(CLASS, [metric(3.5)], ENV)
+    assert path == tmp_path / CLASS / "quality.test_demo.json"
     text = path.read_text()
     assert text == json.dumps(json.loads(text), indent=1, sort_keys=True) + "\n"
+    assert list(json.loads(text)["metrics"]) == ["test_ppl"]  # the key has no device
 
 
 def test_update_keeps_other_figures_of_the_file(tmp_path):
     store = BaselineStore(tmp_path)
-    store.update("cpu-x86_64", [metric(3.5)], ENV)
+    store.update(CLASS, [metric(3.5)], ENV)
     other = Metric(TEST_ID, "kld", 0.1, "nats", "lower", Tolerance(rel=0.1))
-    store.update("cpu-x86_64", [other], {**ENV, "torch": "2.14.0"})
+    store.update(CLASS, [other], {**ENV, "torch": "2.14.0"})
     fresh = BaselineStore(tmp_path)
-    assert fresh.get("cpu-x86_64", TEST_ID, "ppl").environment == ENV
-    assert fresh.get("cpu-x86_64", TEST_ID, "kld").environment["torch"] == "2.14.0"
+    assert fresh.get(CLASS, TEST_ID, "ppl").environment == ENV
+    assert fresh.get(CLASS, TEST_ID, "kld").environment["torch"] == "2.14.0"
 
 
 def test_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     store = BaselineStore(tmp_path)
-    [path] = store.update("cpu-x86_64", [metric(3.5)], ENV)
+    [path] = store.update(CLASS, [metric(3.5)], ENV)
     before = path.read_bytes()
 
     def crash(*args):
@@ -131,23 +135,94 @@ def test_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(baselines.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        store.update("cpu-x86_64", [metric(9.9)], ENV)
+        store.update(CLASS, [metric(9.9)], ENV)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir() if p.suffix == ".tmp"] == []
+
+
+# ---- scopes: where a baseline applies
+
+
+@pytest.mark.parametrize("test_id, kind, key", [
+    ("suites/a/test_b.py::t[cpu]", "cpu", "t"),
+    ("suites/a/test_b.py::t[cuda-nf4]", "cuda", "t[nf4]"),
+    ("suites/a/test_b.py::t[cpu-shape0-32]", "cpu", "t[shape0-32]"),
+    ("suites/a/test_b.py::TestX::t[mps-fp4-float16]", "mps", "TestX::t[fp4-float16]"),
+    ("suites/a/test_b.py::t[nf4]", "cpu", "t[nf4]"),
+    ("suites/a/test_b.py::t", "cpu", "t"),
+])
+def test_keys_leave_out_the_device_so_devices_meet(test_id, kind, key):
+    assert baselines.test_key(test_id, kind) == key
+
+
+@pytest.mark.parametrize("scope, folders", [
+    ("class", ("cuda-nvidia-h200",)),
+    ("kind", ("cuda-nvidia-h200", "cuda")),
+    ("any", ("cuda-nvidia-h200", "cuda", "any")),
+])
+def test_lookup_goes_class_kind_any_never_wider_than_the_scope(scope, folders):
+    assert baselines.lookup_order("cuda-nvidia-h200", scope) == folders
+
+
+def scoped(value, scope, kind="cpu", name="ppl"):
+    return Metric(f"suites/quality/test_demo.py::test_ppl[{kind}]", name, value, "1", "lower",
+                  Tolerance(rel=0.05, why="demo"), None, scope)
+
+
+def test_a_kind_figure_recorded_on_one_class_is_checked_on_another(tmp_path):
+    BaselineStore(tmp_path).update("cuda-nvidia-h100-80gb-hbm3", [scoped(2.0, "kind", "cuda")], ENV)
+    got = BaselineStore(tmp_path).get("cuda-nvidia-h200", scoped(2.0, "kind", "cuda").test_id, "ppl", "kind")
+    assert (got.value, got.level, got.applies_to, got.recorded_on) == (2.0, "kind", "cuda", "cuda-nvidia-h100-80gb-hbm3")
+    verdict = compare(scoped(2.01, "kind", "cuda"), got, ENV)
+    assert verdict.status == "pass" and "baseline from kind cuda, recorded on cuda-nvidia-h100-80gb-hbm3" in verdict.message
+
+
+def test_a_class_figure_is_new_on_another_class_and_says_where_it_looked(tmp_path):
+    BaselineStore(tmp_path).update("cuda-nvidia-h100-80gb-hbm3", [scoped(2.0, "class", "cuda")], ENV)
+    figure = scoped(20.0, "class", "cuda")
+    assert BaselineStore(tmp_path).get("cuda-nvidia-h200", figure.test_id, "ppl", "class") is None
+    verdict = compare(figure, None, ENV, baselines.lookup_order("cuda-nvidia-h200", "class"))
+    assert verdict.status == "new" and "no baseline at cuda-nvidia-h200" in verdict.message
+
+
+def test_an_any_figure_measured_on_cpu_is_checked_on_cuda(tmp_path):
+    BaselineStore(tmp_path).update(CLASS, [scoped(2.0, "any", "cpu")], ENV)
+    got = BaselineStore(tmp_path).get("cuda-nvidia-h200", scoped(2.0, "any", "cuda").test_id, "ppl", "any")
+    assert (got.value, got.level, got.recorded_on) == (2.0, "any", CLASS)
+
+
+def test_a_narrower_baseline_shadows_a_wider_one(tmp_path):
+    store = BaselineStore(tmp_path)
+    store.update(CLASS, [scoped(2.0, "any")], ENV)
+    store.update(CLASS, [scoped(3.0, "class")], ENV)
+    got = BaselineStore(tmp_path).get(CLASS, scoped(0, "any").test_id, "ppl", "any")
+    assert (got.value, got.level) == (3.0, "class")
+
+
+def test_a_metric_refuses_an_unknown_scope():
+    with pytest.raises(ValueError, match="scope='machine'"):
+        scoped(1.0, "machine")
+
+
+# ---- bad files
+
+V2 = '{"schema": "scalellm.baselines/2", "applies_to": "cpu-x86_64", "level": "class", '
 
 
 @pytest.mark.parametrize("content, problem", [
     ("{not json", "not valid JSON"),
     ('["a list"]', "not a JSON object"),
-    ('{"schema": "other/9", "device_class": "cpu-x86_64", "environments": {}, "metrics": {}}', "schema is 'other/9'"),
-    ('{"schema": "scalellm.baselines/1", "device_class": "cuda-nvidia-h100", "environments": {}, "metrics": {}}',
-     "recorded for device class 'cuda-nvidia-h100'"),
-    ('{"schema": "scalellm.baselines/1", "device_class": "cpu-x86_64", "environments": {}, '
-     '"metrics": {"t": {"m": {"value": 1, "unit": "1", "better": "lower", "environment": "gone"}}}}',
-     "names environment 'gone'"),
-    ('{"schema": "scalellm.baselines/1", "device_class": "cpu-x86_64", "environments": {"e": {}}, '
-     '"metrics": {"t": {"m": {"value": "high", "unit": "1", "better": "lower", "environment": "e"}}}}',
-     "non-numeric value"),
+    ('{"schema": "other/9", "applies_to": "cpu-x86_64", "environments": {}, "metrics": {}}', "schema is 'other/9'"),
+    ('{"schema": "scalellm.baselines/1", "device_class": "cpu-x86_64", "environments": {}, "metrics": {}}',
+     "python scripts/migrate_baselines.py"),
+    ('{"schema": "scalellm.baselines/2", "applies_to": "cuda", "level": "kind", "environments": {}, "metrics": {}}',
+     "applies to kind 'cuda' but is filed under 'cpu-x86_64'"),
+    (V2 + '"environments": {}, "metrics": {"t": {"m": {"value": 1, "unit": "1", "better": "lower", '
+     '"environment": "gone", "recorded_on": "cpu-x86_64"}}}}', "names environment 'gone'"),
+    (V2 + '"environments": {"e": {}}, "metrics": {"t": {"m": {"value": "high", "unit": "1", "better": "lower", '
+     '"environment": "e", "recorded_on": "cpu-x86_64"}}}}', "non-numeric value"),
+    (V2 + '"environments": {"e": {}}, "metrics": {"t": {"m": {"value": 1, "unit": "1", "better": "lower", '
+     '"environment": "e"}}}}', "lacks recorded_on"),
 ])
 def test_a_bad_file_is_named_with_its_problem(tmp_path, content, problem):
     path = tmp_path / "cpu-x86_64" / "quality.test_demo.json"
@@ -158,10 +233,17 @@ def test_a_bad_file_is_named_with_its_problem(tmp_path, content, problem):
     assert str(excinfo.value).startswith(str(path)) and problem in str(excinfo.value)
 
 
+def test_a_folder_that_names_no_device_is_refused(tmp_path):
+    (tmp_path / "gpu-x").mkdir()
+    (tmp_path / "gpu-x" / "quality.test_demo.json").write_text("{}")
+    with pytest.raises(BaselineError, match="neither 'any', a device kind"):
+        BaselineStore(tmp_path).validate_all()
+
+
 def test_update_refuses_to_overwrite_a_bad_file(tmp_path):
-    path = tmp_path / "cpu-x86_64" / "quality.test_demo.json"
+    path = tmp_path / CLASS / "quality.test_demo.json"
     path.parent.mkdir()
     path.write_text("{not json")
     with pytest.raises(BaselineError):
-        BaselineStore(tmp_path).update("cpu-x86_64", [metric(1.0)], ENV)
+        BaselineStore(tmp_path).update(CLASS, [metric(1.0)], ENV)
     assert path.read_text() == "{not json"

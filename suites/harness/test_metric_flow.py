@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from scalellm import devices
+
 METRIC_TEST = """
 import os
 from scalellm.baselines import Tolerance
@@ -32,7 +34,8 @@ def test_a_figure_without_baseline_is_reported_new(suite, monkeypatch):
     suite.write("test_demo.py", METRIC_TEST)
     result = run_with(suite, monkeypatch, 1.0)
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*new: 1*", "NEW*'error'*is new (no baseline)*"])
+    result.stdout.fnmatch_lines(["NEW*'error'*is new (no baseline at *; scope class)*", "figures: 1 new (class 1)*",
+                                 "*Record them with `scalellm check --update-baselines`*"])
     assert suite.baseline_files() == {}
 
 
@@ -42,7 +45,7 @@ def test_update_writes_then_the_same_figure_passes(suite, monkeypatch):
     assert stored(suite) == 1.0
     result = run_with(suite, monkeypatch, 1.04)
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*pass: 1*"])
+    result.stdout.fnmatch_lines(["figures: 1 pass (class 1)"])
 
 
 def test_a_regression_fails_naming_metric_baseline_tolerance_and_value(suite, monkeypatch):
@@ -104,4 +107,70 @@ def test_report_dir_gets_results_and_summary(suite, monkeypatch):
     run_with(suite, monkeypatch, 1.0, "--report-dir", str(out))
     results = json.loads((out / "results.json").read_text())
     assert [m["status"] for m in results["metrics"]] == ["new"]
-    assert "| NEW | cpu-x86_64 | test_figure | error | 1 |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert f"| NEW | {devices.device_class('cpu')} | test_figure | error | 1 | — | none at class |" in summary
+    assert "figures: 1 new (class 1)" in summary
+
+
+# ---- scopes: a machine that never recorded a class baseline
+
+SCOPED_TEST = """
+import os
+from scalellm.baselines import Tolerance
+
+def test_figure(record_metric):
+    record_metric("{name}", float(os.environ["VALUE"]), unit="1", better="lower",
+                  tolerance=Tolerance(rel=0.05, why="self-test"))
+"""
+
+
+def scoped_suite(suite):
+    """model.test_attention's figures are scope kind, model.test_generation's class (suites/helpers/scopes.py)."""
+    suite.write("model/test_attention.py", SCOPED_TEST.format(name="max_abs_dlogit_eager_vs_sdpa"))
+    suite.write("model/test_generation.py", SCOPED_TEST.format(name="decode_tok_s"))
+
+
+def test_another_class_checks_kind_figures_and_reports_class_figures_new(suite, monkeypatch):
+    scoped_suite(suite)
+    monkeypatch.setenv(devices.DEVICE_CLASS_ENV, "cpu-recorder")
+    run_with(suite, monkeypatch, 1.0, "--update-baselines").assert_outcomes(passed=2)
+    assert sorted(suite.baseline_files()) == ["cpu-recorder/model.test_generation.json", "cpu/model.test_attention.json"]
+    monkeypatch.setenv(devices.DEVICE_CLASS_ENV, "cpu-elsewhere")
+    result = run_with(suite, monkeypatch, 1.01)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["NEW*'decode_tok_s'*no baseline at cpu-elsewhere; scope class*",
+                                 "figures: 1 new (class 1) · 1 pass (kind 1)",
+                                 "*(class cpu-elsewhere has no baselines for them)*"])
+
+
+def test_a_kind_figure_fails_on_another_class_naming_where_its_baseline_came_from(suite, monkeypatch):
+    scoped_suite(suite)
+    monkeypatch.setenv(devices.DEVICE_CLASS_ENV, "cpu-recorder")
+    run_with(suite, monkeypatch, 1.0, "--update-baselines")
+    monkeypatch.setenv(devices.DEVICE_CLASS_ENV, "cpu-elsewhere")
+    result = run_with(suite, monkeypatch, 2.0)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*'max_abs_dlogit_eager_vs_sdpa'*measured 2 1, baseline 1 1*"
+                                 "baseline from kind cpu, recorded on cpu-recorder*", "*scope kind: *"])
+
+
+def test_update_levels_class_writes_only_this_machines_class_figures(suite, monkeypatch):
+    scoped_suite(suite)
+    monkeypatch.setenv(devices.DEVICE_CLASS_ENV, "cpu-recorder")
+    run_with(suite, monkeypatch, 1.0, "--update-baselines")
+    monkeypatch.setenv(devices.DEVICE_CLASS_ENV, "cpu-elsewhere")
+    result = run_with(suite, monkeypatch, 2.0, "--update-baselines", "--update-levels", "class")
+    result.assert_outcomes(passed=1, failed=1)  # the kind figure is checked, not overwritten
+    files = suite.baseline_files()
+    assert sorted(files) == ["cpu-elsewhere/model.test_generation.json", "cpu-recorder/model.test_generation.json",
+                             "cpu/model.test_attention.json"]
+    assert files["cpu/model.test_attention.json"]["metrics"]["test_figure"]["max_abs_dlogit_eager_vs_sdpa"]["value"] \
+        == 1.0
+
+
+def test_a_malformed_device_class_override_stops_the_run(suite, monkeypatch):
+    suite.write("test_demo.py", METRIC_TEST)
+    monkeypatch.setenv(devices.DEVICE_CLASS_ENV, "gpu-x")
+    result = run_with(suite, monkeypatch, 1.0)
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*SCALELLM_DEVICE_CLASS='gpu-x': 'gpu-x' is not a device class*"])

@@ -7,21 +7,25 @@ the end of a run that was not interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from scalellm import devices, environment, report, results
-from scalellm.baselines import BaselineStore, Metric, compare
+from scalellm.baselines import LEVELS, BaselineStore, Metric, compare, lookup_order
+from suites.helpers import scopes
 
 PROPERTY = "scalellm_metric"
 _FAILED = pytest.StashKey[list]()
 
 
 class MetricRecorder:
-    def __init__(self, store: BaselineStore, *, update: bool, report_dir: str | None):
+    def __init__(self, store: BaselineStore, *, update: bool, report_dir: str | None,
+                 update_levels: tuple[str, ...] = LEVELS):
         self.store = store
         self.update = update
+        self.update_levels = update_levels  # with update: the scopes whose figures are written
         self.report_dir = Path(report_dir) if report_dir else None
         self.tests: dict[str, dict] = {}
         self.metrics: list[dict] = []
@@ -37,23 +41,28 @@ class MetricRecorder:
 
     def record(self, item, device: str, metric: Metric) -> None:
         device_class = self.device_class(device)
-        verdict = compare(metric, self.store.get(device_class, metric.test_id, metric.name),
-                          environment.fingerprint())
+        rule = scopes.rule_for(metric.test_id, metric.name)
+        metric = dataclasses.replace(metric, scope=rule.scope)
+        baseline = self.store.get(device_class, metric.test_id, metric.name, rule.scope)
+        verdict = compare(metric, baseline, environment.fingerprint(), lookup_order(device_class, rule.scope))
         entry = {
-            "device": device, "device_class": device_class, **metric.to_json(),
+            "device": device, "device_class": device_class, **metric.to_json(), "scope_why": rule.why,
             "status": verdict.status, "message": verdict.message,
-            "baseline": verdict.baseline.value if verdict.baseline else None,
-            "baseline_environment": verdict.baseline.environment if verdict.baseline else None,
+            "baseline": baseline.value if baseline else None,
+            "level": baseline.level if baseline else None,
+            "baseline_applies_to": baseline.applies_to if baseline else None,
+            "baseline_recorded_on": baseline.recorded_on if baseline else None,
+            "baseline_environment": baseline.environment if baseline else None,
         }
         item.user_properties.append((PROPERTY, entry))
-        if verdict.status == "fail":
-            item.stash.setdefault(_FAILED, []).append(verdict.message)
+        if verdict.status == "fail" and not (self.update and metric.scope in self.update_levels):
+            item.stash.setdefault(_FAILED, []).append(f"{verdict.message}\n  scope {rule.scope}: {rule.why}")
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item):
         outcome = yield
         failed = item.stash.get(_FAILED, [])
-        if failed and not self.update:
+        if failed:
             raise AssertionError("figure outside its baseline tolerance:\n" + "\n".join(failed))
         return outcome
 
@@ -87,7 +96,7 @@ class MetricRecorder:
         passed = {nodeid for nodeid, t in self.tests.items() if t["outcome"] == "passed"}
         by_class: dict[str, list[Metric]] = {}
         for entry in self.metrics:
-            if entry["test_id"] in passed:
+            if entry["test_id"] in passed and entry["scope"] in self.update_levels:
                 by_class.setdefault(entry["device_class"], []).append(Metric.from_json(entry))
                 entry["status"] = "updated"
         env = environment.fingerprint()
@@ -96,15 +105,15 @@ class MetricRecorder:
     def pytest_terminal_summary(self, terminalreporter):
         if not self.metrics and not self.update:
             return
-        counts: dict[str, int] = {}
-        for entry in self.metrics:
-            counts[entry["status"]] = counts.get(entry["status"], 0) + 1
         tr = terminalreporter
         tr.section("scalellm metrics")
-        tr.write_line("  ".join(f"{status}: {n}" for status, n in sorted(counts.items())) or "no figures recorded")
         for entry in self.metrics:
             if entry["status"] == "new":
                 tr.write_line(f"NEW  {entry['message']}")
+        tr.write_line(report.figure_counts_line(self.metrics))
+        hint = report.record_hint(self.metrics)
+        if hint:
+            tr.write_line(hint)
         if self.update:
             if self.written:
                 tr.write_line(f"baselines updated: {len(self.written)} file(s) under {self.store.root}")

@@ -24,17 +24,6 @@ def config_for(device: str) -> train.TrainConfig:
     return CPU_CONFIG if device == "cpu" else GPU_CONFIG
 
 
-def bnb_repacks_4bit_on_cpu() -> bool:
-    """Whether bnb 0.50's CPU backend repacks Linear4bit weights at the first inference forward
-    (it does on AVX512-BF16 CPUs); the two bugs it causes are held by strict xfails where it does."""
-    try:
-        from bitsandbytes.functional import has_avx512bf16
-
-        return bool(has_avx512bf16())
-    except Exception:  # noqa: BLE001 - no bnb native library: the repacking path cannot run either
-        return False
-
-
 @pytest.fixture(scope="session")
 def checkpoint(checkpoint):
     """The real model's local HF directory (the root fixture's path); skips without peft or bnb."""

@@ -9,7 +9,8 @@ import pytest
 from scalellm import lora_math, train
 from scalellm.baselines import Tolerance
 from scalellm.load import load
-from suites.lora.conftest import bnb_repacks_4bit_on_cpu, config_for
+from suites.helpers.bnb_paths import repacks_4bit_on_cpu
+from suites.lora.conftest import config_for
 
 pytestmark = [pytest.mark.lora, pytest.mark.nf4, pytest.mark.reference]
 
@@ -82,7 +83,7 @@ def test_qlora_model_equals_dequantized_base_plus_adapter(trained, merged_setup,
 # CPU-specific layout on the first inference forward when the CPU has AVX512-BF16; peft's merge then
 # dequantizes the repacked bytes as if canonical. Elsewhere (CUDA, CPUs without AVX512-BF16) the merge
 # is only requantization loss. The day bnb or peft fixes it, the strict xfail turns into a failure.
-_REPACKS = bnb_repacks_4bit_on_cpu()
+_REPACKS = repacks_4bit_on_cpu()
 
 
 _REASON = ("bnb 0.50.2 repacks Linear4bit weights on the first inference forward on AVX512-BF16 CPUs; "

@@ -13,7 +13,8 @@ import pytest
 from scalellm import train
 from scalellm.baselines import Tolerance
 from suites.helpers.packages import need
-from suites.lora.conftest import bnb_repacks_4bit_on_cpu, config_for
+from suites.helpers.bnb_paths import repacks_4bit_on_cpu
+from suites.lora.conftest import config_for
 
 pytestmark = [pytest.mark.lora, pytest.mark.nf4, pytest.mark.quality]
 
@@ -86,7 +87,7 @@ def test_inference_forward_leaves_training_gradients_unchanged(checkpoint, devic
     avoids it (``train.no_repack_forward``); this test watches the library behaviour itself."""
     import torch
 
-    if device == "cpu" and bnb_repacks_4bit_on_cpu():
+    if device == "cpu" and repacks_4bit_on_cpu():
         request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=_REPACK_REASON))
     cfg = config_for(device)
     base, tokenizer = train.load_base(checkpoint, cfg, device)
