@@ -71,7 +71,10 @@ RULES = (
     Rule("lora.test_merge", "merge_max_abs_dlogit", "any", "fp32 merge: 7.2e-5 on cpu vs 6.8e-5 on the H100 (abs 1e-3)"),
     Rule("lora.test_merge", "*", "kind", "4-bit compute vs dense: 0 on cpu vs 0.30 on the H100"),
     Rule("lora.test_training", "*", "kind", "losses: 3.77 -> 2.29 on cpu vs 4.01 -> 2.52 on the H100"),
-    Rule("lora.test_ceilings", "*", "kind", "allocator peaks: the H200 matched the H100 within 2%"),
+    Rule("lora.test_ceilings", "peak_bytes_at_oom", "class",
+         "where an out-of-memory error strikes depends on the card's total (the cap is a fraction of it): on the "
+         "H200 the OOM peaks were 3.3-7.3% above the H100's (2026-12-03, N=1) while fitting peaks agreed"),
+    Rule("lora.test_ceilings", "*", "kind", "allocator peaks of fitting cases: the H200 matched the H100 within 2%"),
     Rule("lora.test_speed", "*", "class", SPEED),
     # ---- the real model
     Rule("model.test_footprint", "bytes_per_param", "any", "exact arithmetic of the format: equal on cpu and the H100"),
