@@ -4,7 +4,8 @@ The memory suites measure their peaks through the ``isolated`` fixture because a
 peak RSS belong to the process: in one pytest process, what earlier tests left alive counted into
 every later peak. The first test plants such a leftover here and shows both sides with one function
 (``peak_cases.allocation_peak``): measured in the child, the peak is the allocation alone; measured
-here, it carries the leftover. The others hold the :class:`~suites.helpers.isolation.Worker` to its
+here, it carries the leftover. The second shows that a change a library makes to this process's
+environment after the start does not reach the child. The others hold the :class:`~suites.helpers.isolation.Worker` to its
 contract: results and exceptions come back as themselves, one child serves successive calls, and a
 child that dies is an error naming the function and the signal, after which a fresh child serves.
 """
@@ -19,7 +20,7 @@ import pytest
 
 from scalellm import memory
 from suites.helpers import peak_cases
-from suites.helpers.isolation import Worker, WorkerDied
+from suites.helpers.isolation import STARTING_ENVIRON, Worker, WorkerDied
 
 #: What an earlier test leaves alive in this process, and what the measured case allocates.
 LEFTOVER_BYTES = 256 << 20
@@ -55,6 +56,17 @@ def test_a_leftover_here_is_not_in_a_peak_measured_in_the_child(device, isolated
     assert here["peak"] >= with_leftover, (
         f"{device}: measured in this process, the peak {here['peak']} bytes should include the "
         f"{LEFTOVER_BYTES}-byte leftover and the {ALLOCATION_BYTES}-byte allocation")
+
+
+def test_a_change_to_the_environment_after_start_does_not_reach_the_child(monkeypatch):
+    """What gptqmodel's import does (sets ``PYTORCH_ALLOC_CONF``), done here by hand: the child
+    starts with the environment the session started with."""
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("SCALELLM_SET_BY_A_LIBRARY", "1")
+    with Worker() as worker:
+        assert worker.run(os.getenv, "PYTORCH_ALLOC_CONF") == STARTING_ENVIRON.get("PYTORCH_ALLOC_CONF")
+        assert worker.run(os.getenv, "SCALELLM_SET_BY_A_LIBRARY") is None
+        assert worker.run(os.getenv, "PATH") == STARTING_ENVIRON["PATH"]  # the rest is there
 
 
 # ---------------------------------------------------------------- the Worker's contract (builtins: no import cost)

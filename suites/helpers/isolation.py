@@ -9,7 +9,17 @@ QLoRA ceiling case found 853 MB allocated where its model held 594 MB, and GPT-2
 prefill peaked at 2.675 GiB where 0.647 GiB was predicted, 2.541 GiB of it held before the prefill;
 each file run alone passed. A child started with ``spawn`` is a fresh interpreter: it inherits
 ``os.environ`` and ``sys.path`` (so it imports this checkout and runs offline, as the parent
-does), not the parent's objects, CUDA context or allocator. (Not ``fork``: a forked child shares
+does), not the parent's objects, CUDA context or allocator.
+
+The child starts with the environment this process started with (:data:`STARTING_ENVIRON`), not the
+one it has by then: a library may change ``os.environ`` when imported, and the child would inherit
+the change. gptqmodel 7.6.0 does (``gptqmodel/models/auto.py`` sets ``PYTORCH_ALLOC_CONF`` to
+``expandable_segments:True,...`` when it is unset), and the CUDA allocator of every child started
+after the gptq tier read it. Measured on an H200 (torch 2.11, bnb 0.50.2, 2026-12-03, N=1 each, a
+fresh child each): TinyLlama's int8 prefill peaked at 1.429 GB with the starting environment and at
+1.366 GB with gptqmodel's setting, moving the planner's error from -4.2% (the H100 baseline: -4.2%)
+to +0.25%, beyond its 2-point drift. The test process keeps the library's change (that is what a
+user's process gets); the measurement does not. (Not ``fork``: a forked child shares
 the parent's pages, which count in its resident set, and cannot use CUDA once the parent has.)
 
 :class:`Worker` wraps a one-process ``concurrent.futures.ProcessPoolExecutor`` (``spawn``):
@@ -37,9 +47,24 @@ from __future__ import annotations
 
 import faulthandler
 import multiprocessing
+import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+
+
+#: ``os.environ`` when this module was first imported: by ``suites/conftest.py``, before any test
+#: module imports a library.
+STARTING_ENVIRON: dict[str, str] = dict(os.environ)
+
+
+def _start_child(environ: dict[str, str]) -> None:
+    """The child's initializer: the starting environment back, before anything reads it (torch's
+    allocator reads ``PYTORCH_ALLOC_CONF`` at its first CUDA allocation), and faulthandler on."""
+    os.environ.clear()
+    os.environ.update(environ)
+    # a child dying of a signal prints its Python stack to the (captured) stderr
+    faulthandler.enable()
 
 
 class WorkerDied(RuntimeError):
@@ -87,9 +112,8 @@ class Worker:
         """``fn(*args, **kwargs)`` computed in the child; :class:`WorkerDied` if the child dies doing it."""
         _check_runnable(fn)
         if self._pool is None:
-            # faulthandler: a child dying of a signal prints its Python stack to the (captured) stderr
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=faulthandler.enable)
+                                             initializer=_start_child, initargs=(STARTING_ENVIRON,))
         future = self._pool.submit(fn, *args, **kwargs)
         # The child's multiprocessing.Process, for its exit code should it die. ProcessPoolExecutor
         # keeps its children in ``_processes`` (pid -> Process; CPython 3.9-3.13 at least), filled by submit().
