@@ -20,7 +20,7 @@ from scalellm.baselines import Tolerance
 from scalellm.quant import codebook, constant_bits_per_parameter, dequantize_4bit, quantize_4bit
 from scalellm.quant.blockwise import BLOCKSIZES
 from suites.helpers import assertions as ah
-from suites.helpers.bnb_paths import dequantize_4bit_takes_avx512
+from suites.helpers.bnb_paths import dequantize_4bit_takes_avx512, rows_straddle_blocks
 
 pytestmark = [pytest.mark.reference]
 
@@ -160,13 +160,6 @@ def test_bnb_cpu_dequantize_of_rows_straddling_blocks(device, bnb, shape, blocks
     x, ref, got = quantized(bnb, "nf4", blocksize, "float32", shape)
     ah.assert_floats_identical(f"dequantize_4bit(nf4, {blocksize}, {shape})", bnb.dequantize(got),
                                dequantize_4bit(ref), blocksize)
-
-
-def rows_straddle_blocks(shape: tuple[int, ...], blocksize: int) -> bool:
-    """Whether bnb's native CPU decode (even last dimension) sees rows that do not start on block
-    boundaries, where bnb 0.50.2 misplaces absmax (see the xfail above). Cases outside this rule
-    were all measured right (5 row counts x 9 widths x 6 block sizes, cpu here)."""
-    return len(shape) > 1 and shape[-1] % 2 == 0 and shape[-1] % blocksize != 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,39 @@ def test_within_bound_passes_and_beyond_fails_naming_the_worst():
         ah.assert_within("op", [1.0, 2.5, 2.0], [1.0, 2.0, 2.1], [0.0, 0.1, 0.2])
 
 
+def wrong_shape(values: np.ndarray) -> np.ndarray:
+    """A planted op: the right values, returned as a row (what bnb 0.50.2's CPU dequantize_4bit does
+    to an even-length 1-D input)."""
+    return values.reshape(1, -1)
+
+
+@pytest.mark.parametrize("check", [
+    lambda a, e: ah.assert_codes_equal("op", a.astype(np.uint8), e.astype(np.uint8)),
+    lambda a, e: ah.assert_floats_identical("op", a, e),
+    lambda a, e: ah.assert_within("op", a, e, 0.0),
+], ids=["codes", "floats", "within"])
+def test_right_values_in_the_wrong_shape_fail_naming_both_shapes(check):
+    expected = np.arange(6, dtype=np.float32)
+    with pytest.raises(AssertionError, match=r"^op: shape \(1, 6\), expected \(6,\)$"):
+        check(wrong_shape(expected), expected)
+
+
+def test_identical_values_in_another_dtype_fail_naming_both_dtypes():
+    expected = np.arange(4, dtype=np.float32)
+    with pytest.raises(AssertionError, match=r"^op: dtype float16, expected float32$"):
+        ah.assert_floats_identical("op", expected.astype(np.float16), expected)
+
+
+def test_layout_names_every_difference():
+    torch = pytest.importorskip("torch")
+    out = torch.zeros(1, 6, dtype=torch.float32)
+    ah.assert_layout("op", out, shape=(1, 6), dtype=torch.float32, device="cpu")
+    ah.assert_layout("op", out.numpy(), shape=(1, 6), dtype="float32")
+    with pytest.raises(AssertionError, match=r"^op: shape \(1, 6\), expected \(6,\); dtype float32, expected "
+                                             r"bfloat16; device cpu, expected cuda$"):
+        ah.assert_layout("op", out, shape=(6,), dtype=torch.bfloat16, device="cuda")
+
+
 def test_helpers_hide_their_frames(pytester):
     pytester.makepyfile(test_hidden="""
         import numpy as np

@@ -5,6 +5,11 @@ frame from tracebacks (``__tracebackhide__``) and, on failure, reports the diagn
 verifier prints: the count and share of differing elements, the worst block (the one holding the
 most differences) and the share of differing bits. An optional ``repro`` string (a line of code
 that rebuilds the input) is appended to the message.
+
+Shape (and, for bit-identity, dtype) are checked before values and never flattened away: an op that
+returns the right values in the wrong shape fails with both shapes named. A caller that means to
+compare flat values flattens both sides itself, where the reader sees it. :func:`assert_layout`
+holds a library's returned tensor to the shape, dtype and device it must have.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 __all__ = [
     "Difference",
     "assert_codes_equal",
+    "assert_layout",
     "assert_floats_identical",
     "assert_within",
     "compare",
@@ -49,16 +55,21 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 
+def _same_shape(op: str, actual: np.ndarray, expected: np.ndarray) -> None:
+    __tracebackhide__ = True
+    if np.shape(actual) != np.shape(expected):
+        raise AssertionError(f"{op}: shape {np.shape(actual)}, expected {np.shape(expected)}")
+
+
 def compare(actual: np.ndarray, expected: np.ndarray, blocksize: int | None = None, *,
             bits: int | None = None, same: np.ndarray | None = None) -> Difference:
-    """Diagnostics of ``actual`` vs ``expected`` (flattened, same length).
+    """Diagnostics of ``actual`` vs ``expected`` (same shape; blocks and indices counted in C order).
 
     ``bits``: significant bits per element (4 for nibble codes; default: the item width).
-    ``same``: a precomputed (n,) boolean "these elements agree" mask (default: equal bit patterns).
+    ``same``: a precomputed boolean "these elements agree" mask of that shape (default: equal bit patterns).
     """
+    _same_shape("compare", actual, expected)
     a, e = np.asarray(actual).reshape(-1), np.asarray(expected).reshape(-1)
-    if a.shape != e.shape:
-        raise AssertionError(f"shapes differ: actual {a.shape}, expected {e.shape}")
     xor = _bits(a) ^ _bits(e.astype(a.dtype, copy=False))
     diff = ~same.reshape(-1) if same is not None else xor != 0
     width = bits or 8 * a.dtype.itemsize
@@ -81,8 +92,9 @@ def _fail(op: str, what: str, diff: Difference, blocksize: int | None, repro: st
 
 def assert_codes_equal(op: str, actual: np.ndarray, expected: np.ndarray, blocksize: int | None = None, *,
                        repro: str = "") -> None:
-    """Two arrays of 4-bit codes (uint8 values < 16, one code per element) are identical."""
+    """Two arrays of 4-bit codes (uint8 values < 16, one code per element) of one shape are identical."""
     __tracebackhide__ = True
+    _same_shape(op, actual, expected)
     diff = compare(np.asarray(actual, np.uint8), np.asarray(expected, np.uint8), blocksize, bits=4)
     if diff.count:
         i = diff.first
@@ -92,10 +104,14 @@ def assert_codes_equal(op: str, actual: np.ndarray, expected: np.ndarray, blocks
 
 def assert_floats_identical(op: str, actual: np.ndarray, expected: np.ndarray, blocksize: int | None = None, *,
                             signed_zero: bool = True, repro: str = "") -> None:
-    """Two float arrays are bit-identical (NaN matches NaN). ``signed_zero=False`` lets -0.0 match +0.0."""
+    """Two float arrays of one shape and dtype are bit-identical (NaN matches NaN).
+    ``signed_zero=False`` lets -0.0 match +0.0."""
     __tracebackhide__ = True
+    _same_shape(op, actual, expected)
     a, e = np.asarray(actual).reshape(-1), np.asarray(expected).reshape(-1)
-    same = (_bits(a) == _bits(e.astype(a.dtype, copy=False))) if a.shape == e.shape else None
+    if a.dtype != e.dtype:
+        raise AssertionError(f"{op}: dtype {a.dtype}, expected {e.dtype}")
+    same = _bits(a) == _bits(e)
     if same is not None and not signed_zero:
         same |= (a == 0) & (e == 0)
     diff = compare(a, e, blocksize, same=same)
@@ -109,8 +125,10 @@ def assert_floats_identical(op: str, actual: np.ndarray, expected: np.ndarray, b
 
 def assert_within(op: str, actual: np.ndarray, expected: np.ndarray, bound, blocksize: int | None = None, *,
                   repro: str = "") -> None:
-    """``|actual - expected| <= bound`` elementwise (``bound`` a scalar or an array of the same shape)."""
+    """``|actual - expected| <= bound`` elementwise, for arrays of one shape (``bound`` a scalar or an
+    array of that shape)."""
     __tracebackhide__ = True
+    _same_shape(op, actual, expected)
     a = np.asarray(actual, np.float64).reshape(-1)
     e = np.asarray(expected, np.float64).reshape(-1)
     b = np.broadcast_to(np.asarray(bound, np.float64).reshape(-1) if np.ndim(bound) else bound, a.shape)
@@ -121,3 +139,20 @@ def assert_within(op: str, actual: np.ndarray, expected: np.ndarray, bound, bloc
         i = int(np.argmax(np.where(ok, -np.inf, excess)))
         extra = (f"; worst excess {excess[i]:.6g} at index {i}: |{a[i]!r} - {e[i]!r}| > bound {b[i]!r}")
         _fail(op, "values beyond the bound", diff, blocksize, repro, extra)
+
+
+def assert_layout(op: str, actual, *, shape: tuple[int, ...], dtype, device: str | None = None) -> None:
+    """A returned array or tensor has ``shape``, ``dtype`` (a torch or numpy dtype, or its name) and,
+    for a tensor, lives on ``device`` (its type: ``"cpu"``, ``"cuda"``...) -- checked before any value."""
+    __tracebackhide__ = True
+    found = []
+    if tuple(actual.shape) != tuple(shape):
+        found.append(f"shape {tuple(actual.shape)}, expected {tuple(shape)}")
+    name = str(actual.dtype).removeprefix("torch.")
+    if name != str(dtype).removeprefix("torch."):
+        found.append(f"dtype {name}, expected {str(dtype).removeprefix('torch.')}")
+    where = getattr(getattr(actual, "device", None), "type", "cpu")
+    if device is not None and where != device.split(":")[0]:
+        found.append(f"device {where}, expected {device}")
+    if found:
+        raise AssertionError(f"{op}: " + "; ".join(found))
