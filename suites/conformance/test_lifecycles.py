@@ -1,0 +1,177 @@
+"""Lifecycles users run on bitsandbytes' quantized layers, each checked against the reference.
+
+A model is not quantized once and used once: ``.to()`` is called again by every ``model.to(device)``,
+``accelerate`` dispatch and trainer; a quantized model is saved and reloaded without quantizing it
+again. Each of these has broken in a real bnb release (0.48.0: a pre-quantized int8 weight lost its
+quantized data on ``.to()``, bitsandbytes#1775). Here, after every step of a lifecycle:
+
+- the layer's stored state is the reference's quantization of the original weight: NF4 packed
+  codes and absmax (:func:`scalellm.quant.quantize_4bit`), int8 codes and row statistics
+  (:func:`scalellm.quant.int8.vectorwise_quantize`), bit for bit on cpu;
+- its forward is ``x Ŵᵀ + b`` with ``Ŵ`` the reference dequantization of that state (float64),
+  within the float32 dot-product bound (``suites/conformance/test_layouts.py`` says which).
+
+Steps: quantize by ``.to(device)``; ``.to(device)`` again; (cuda) ``.to("cpu")`` and back; and, for
+a small random Llama through transformers, quantize at load, ``save_pretrained`` and
+``from_pretrained`` of that pre-quantized checkpoint (no second quantization).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scalellm.quant import dequantize_4bit, quantize_4bit
+from scalellm.quant.int8 import INV_127, vectorwise_quantize
+from suites.conformance.bnb_codec import BnbResult
+from suites.helpers import assertions as ah
+from suites.helpers.packages import need
+
+pytestmark = [pytest.mark.reference]
+
+IN_FEATURES, OUT_FEATURES, TOKENS, BLOCKSIZE = 96, 40, 6, 64
+METHODS = [pytest.param("nf4", marks=pytest.mark.nf4), pytest.param("int8", marks=pytest.mark.int8)]
+UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
+
+
+def original():
+    """(weight (out, in), bias (out,), x (tokens, in)): seeded float32."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(OUT_FEATURES, IN_FEATURES, generator=g), torch.randn(OUT_FEATURES, generator=g),
+            torch.randn(TOKENS, IN_FEATURES, generator=g))
+
+
+def unquantized_layer(method: str, weight, bias):
+    """bnb's layer holding ``weight`` not yet quantized (as transformers builds it); ``.to()`` quantizes."""
+    import torch
+
+    bnb = need("bitsandbytes")
+    if method == "int8":
+        layer = bnb.nn.Linear8bitLt(IN_FEATURES, OUT_FEATURES, bias=True, has_fp16_weights=False, threshold=0.0)
+        layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(IN_FEATURES, OUT_FEATURES, bias=True, compute_dtype=torch.float32,
+                                  compress_statistics=False, quant_type=method)
+        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type=method, blocksize=BLOCKSIZE,
+                                         compress_statistics=False)
+    layer.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    return layer
+
+
+def reference_weight(method: str, layer, weight, step: str) -> np.ndarray:
+    """Check the layer's stored state against the reference quantization of ``weight``; return the
+    reference dequantization of that state (out, in) float64."""
+    w = layer.weight
+    if method == "int8":
+        ref = vectorwise_quantize(weight.half())  # Int8Params quantizes the float16 weight (bnb 0.50 _quantize)
+        ah.assert_layout(f"int8 weight after {step}", w.data, shape=(OUT_FEATURES, IN_FEATURES), dtype="int8",
+                         device=None)
+        # the row statistics live on the weight until the first forward, then in the layer's state
+        # (Linear8bitLt.init_8bit_state, bnb 0.50)
+        scb = getattr(w, "SCB", None)
+        scb = scb if scb is not None else getattr(layer.state, "SCB", None)
+        assert scb is not None, f"int8 weight after {step}: no row statistics (SCB): the quantized state is lost"
+        ah.assert_floats_identical(f"int8 codes after {step}", w.data.cpu().numpy(), ref.codes)
+        ah.assert_floats_identical(f"int8 row statistics after {step}", scb.cpu().numpy(), ref.row_stats)
+        return (ref.codes.astype(np.float64) * ref.row_stats[:, None]) * float(INV_127)
+    state = w.quant_state
+    assert state is not None, f"{method} weight after {step}: no quant_state: the quantized state is lost"
+    ref = quantize_4bit(weight, method, BLOCKSIZE)
+    got = BnbResult(w.data.cpu().numpy().reshape(-1), state.absmax.cpu().numpy(), state, weight.numel(), w.data)
+    ah.assert_codes_equal(f"{method} codes after {step}", got.codes(), ref.codes(), BLOCKSIZE)
+    ah.assert_floats_identical(f"{method} absmax after {step}", got.absmax, ref.absmax)
+    return dequantize_4bit(ref).reshape(OUT_FEATURES, IN_FEATURES).astype(np.float64)
+
+
+def check_forward(method: str, layer, weight, bias, x, device: str, step: str) -> None:
+    """The state is the reference's, and the forward is ``x Ŵᵀ + b`` within the float32 bound."""
+    import torch
+
+    w_hat = reference_weight(method, layer, weight, step)
+    layer = layer.train()  # no CPU repacking on the first inference forward (test_layouts says why)
+    with torch.no_grad():
+        y = layer(x.to(device))
+    op = f"{method} forward after {step}"
+    ah.assert_layout(op, y, shape=(TOKENS, OUT_FEATURES), dtype="float32", device=device)
+    xs = x.double().numpy()
+    expected = xs @ w_hat.T + bias.double().numpy()
+    # int8 forward: x is quantized too (LLM.int8), so its own rounding adds up to half a step of each row
+    x_step = np.abs(xs).max(axis=1, keepdims=True) / 254.0 if method == "int8" else 0.0
+    bound = (IN_FEATURES * 2 * UNIT_ROUNDOFF * (np.abs(xs) @ np.abs(w_hat).T) + np.abs(expected) * 2e-7
+             + x_step * np.abs(w_hat).sum(axis=1)[None, :])
+    ah.assert_within(op, y.float().cpu().numpy(), expected, bound)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_moving_a_quantized_layer_to_its_device_again_keeps_its_state(device, method):
+    weight, bias, x = original()
+    layer = unquantized_layer(method, weight, bias).to(device)
+    check_forward(method, layer, weight, bias, x, device, f"the first .to({device!r})")
+    layer = layer.to(device)
+    check_forward(method, layer, weight, bias, x, device, f"a second .to({device!r})")
+    layer = layer.to(device).to(device)
+    check_forward(method, layer, weight, bias, x, device, f"a third and fourth .to({device!r})")
+
+
+@pytest.mark.devices("cuda")
+@pytest.mark.parametrize("method", METHODS)
+def test_a_quantized_layer_moved_to_cpu_and_back_keeps_its_state(device, method):
+    weight, bias, x = original()
+    layer = unquantized_layer(method, weight, bias).to(device)
+    layer = layer.to("cpu").to(device)
+    check_forward(method, layer, weight, bias, x, device, f".to('cpu') and .to({device!r})")
+
+
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+
+
+def quantization_config(method: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_compute_dtype=torch.float32,
+                              bnb_4bit_use_double_quant=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_saved_quantized_model_reloads_without_quantizing_again(device, method, tmp_path):
+    """transformers' path: quantize at load, ``save_pretrained``, ``from_pretrained`` of the saved
+    (pre-quantized) checkpoint. The reloaded layer's state is still the reference's quantization of
+    the original weight, and the logits are those of the model before the save."""
+    import torch
+
+    need("bitsandbytes")
+    transformers = need("transformers")
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    weight = dense.model.layers[0].mlp.down_proj.weight.detach().clone()  # (64, 128)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=quantization_config(method), device_map=device).train()
+    ids = torch.randint(TINY_LLAMA["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        before = quantized(ids).logits
+    quantized.save_pretrained(tmp_path / "quantized")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "quantized", device_map=device).train()
+    layer = reloaded.model.layers[0].mlp.down_proj
+    step = "save_pretrained and from_pretrained of the quantized checkpoint"
+    if method == "int8":
+        ref = vectorwise_quantize(weight.half())
+        ah.assert_floats_identical(f"int8 codes after {step}", layer.weight.data.cpu().numpy(), ref.codes)
+        ah.assert_floats_identical(f"int8 row statistics after {step}", layer.weight.SCB.cpu().numpy(), ref.row_stats)
+    else:
+        state = layer.weight.quant_state
+        ref = quantize_4bit(weight, method, state.blocksize)
+        got = BnbResult(layer.weight.data.cpu().numpy().reshape(-1), state.absmax.cpu().numpy(), state,
+                        weight.numel(), layer.weight.data)
+        ah.assert_codes_equal(f"{method} codes after {step}", got.codes(), ref.codes(), state.blocksize)
+        ah.assert_floats_identical(f"{method} absmax after {step}", got.absmax, ref.absmax)
+    with torch.no_grad():
+        after = reloaded(ids).logits
+    assert torch.equal(after, before), (f"{method} logits after {step} differ from before the save: "
+                                        f"max |delta| {(after - before).abs().max().item():.3g}")
