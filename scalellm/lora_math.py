@@ -8,8 +8,16 @@ parameters per targeted linear.
 
 from __future__ import annotations
 
+import math
+
 #: Class names of the linear layers LoRA targets: torch's and bitsandbytes' quantized ones.
 LINEAR_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4")
+
+
+def scaling(alpha: float, rank: int, rslora: bool = False, multiplier: float = 1.0) -> float:
+    """The factor on ``B @ A``: ``alpha / r`` (LoRA §4.1), or ``alpha / sqrt(r)`` with rsLoRA
+    (Kalajdzievski 2023, arXiv:2312.03732, §3), times a user's multiplier (peft ``set_scale``)."""
+    return multiplier * alpha / (math.sqrt(rank) if rslora else rank)
 
 
 def targeted_linears(model) -> list[tuple[str, int, int]]:

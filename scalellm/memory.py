@@ -113,6 +113,69 @@ def peak_bytes(device: str) -> int:
     return cpu_peak_bytes()
 
 
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing), so the
+    resident set counts live memory rather than what the allocator keeps for reuse."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size now (``VmRSS`` in ``/proc/self/status``, Linux), else None."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def held_now(device: str) -> dict[str, int]:
+    """What the process holds now, in bytes: ``{"resident": RSS}`` after collecting garbage and
+    trimming the C heap (where the OS tells it) and, on a GPU, ``{"allocated": the allocator's live
+    bytes}`` (CUDA ``memory_allocated``, MPS ``current_allocated_memory``)."""
+    import torch
+
+    synchronize(device)
+    gc.collect()
+    _release_free_heap()
+    held = {}
+    rss = resident_bytes()
+    if rss is not None:
+        held["resident"] = rss
+    if device.startswith("cuda"):
+        held["allocated"] = int(torch.cuda.memory_allocated())
+    elif device == "mps":
+        held["allocated"] = int(torch.mps.current_allocated_memory())
+    return held
+
+
+def growth_over_calls(fn, device: str, calls: int, warmup: int) -> dict[str, int]:
+    """How much each :func:`held_now` figure grows over ``calls`` calls of ``fn()`` after ``warmup``
+    calls (caches, lazily built kernels and pools settle in those), in bytes: the *median* growth of
+    one call times ``calls``. A leak grows every call alike, so the median is the leak; the heap's
+    own swings (tens of MB up one call, down the next, for int8's float16 temporaries) are not."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    readings = [held_now(device)]
+    for _ in range(calls):
+        fn()
+        readings.append(held_now(device))
+    return {name: int(statistics.median(b[name] - a[name] for a, b in zip(readings, readings[1:])) * calls)
+            for name in readings[0]}
+
+
 def free(device: str) -> None:
     """Collect garbage and give cached blocks back (CUDA/MPS), so a next phase starts clean."""
     import torch

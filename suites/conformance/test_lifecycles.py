@@ -175,3 +175,66 @@ def test_a_saved_quantized_model_reloads_without_quantizing_again(device, method
         after = reloaded(ids).logits
     assert torch.equal(after, before), (f"{method} logits after {step} differ from before the save: "
                                         f"max |delta| {(after - before).abs().max().item():.3g}")
+
+
+# ---------------------------------------------------------------- a quantization state written out and read back
+
+
+def blockwise_state(kind: str, device: str):
+    """(the values quantized, bnb's packed/codes tensor, its QuantState) for each kind of state bnb makes."""
+    import torch
+
+    bnb = need("bitsandbytes")
+    x = torch.randn(8, 96, generator=torch.Generator().manual_seed(3)).to(device)
+    if kind == "8bit-blockwise":
+        codes, state = bnb.functional.quantize_blockwise(x, blocksize=BLOCKSIZE)
+    else:
+        codes, state = bnb.functional.quantize_4bit(x, blocksize=BLOCKSIZE, quant_type="nf4",
+                                                    compress_statistics=kind == "nf4-dq")
+    return x, codes, state
+
+
+STATE_KINDS = [pytest.param("8bit-blockwise", marks=pytest.mark.int8), pytest.param("nf4", marks=pytest.mark.nf4),
+               pytest.param("nf4-dq", marks=pytest.mark.nf4)]
+
+
+@pytest.mark.parametrize("kind", STATE_KINDS)
+def test_a_quantization_state_survives_as_dict_and_from_dict(device, kind):
+    """``QuantState.as_dict()`` -> ``QuantState.from_dict()`` (what every checkpoint writer and reader
+    does) restores a state that dequantizes to the same values, for every kind of state."""
+    import torch
+
+    bnb = need("bitsandbytes")
+    F = bnb.functional
+    x, codes, state = blockwise_state(kind, device)
+    restored = F.QuantState.from_dict(state.as_dict(), device=torch.device(device))
+    op = f"{kind} QuantState.as_dict -> from_dict"
+    if kind == "8bit-blockwise":
+        before, after = F.dequantize_blockwise(codes, state), F.dequantize_blockwise(codes, restored)
+    else:
+        before, after = F.dequantize_4bit(codes, state), F.dequantize_4bit(codes, restored)
+    ah.assert_layout(op, after, shape=tuple(before.shape), dtype=before.dtype, device=device)
+    ah.assert_floats_identical(op + ": dequantized values", after.float().cpu().numpy(), before.float().cpu().numpy())
+
+
+# ---------------------------------------------------------------- an op's out= buffer
+
+
+@pytest.mark.nf4
+def test_matmul_4bit_writes_its_result_into_out(device):
+    """``bnb.matmul_4bit(x, W.t(), state, out=buffer)`` leaves ``x Ŵᵀ`` in ``buffer`` (the torch
+    convention for ``out=``), ``Ŵ`` the reference dequantization of the state."""
+    import torch
+
+    bnb = need("bitsandbytes")
+    weight, _, x = original()
+    packed, state = bnb.functional.quantize_4bit(weight.to(device), blocksize=BLOCKSIZE, quant_type="nf4",
+                                                 compress_statistics=False)
+    out = torch.full((TOKENS, OUT_FEATURES), float("nan"), device=device)
+    bnb.matmul_4bit(x.to(device), packed.t(), quant_state=state, out=out)
+    ref = quantize_4bit(weight, "nf4", BLOCKSIZE)
+    w_hat = dequantize_4bit(ref).reshape(OUT_FEATURES, IN_FEATURES).astype(np.float64)
+    xs = x.double().numpy()
+    expected = xs @ w_hat.T
+    bound = IN_FEATURES * 2 * UNIT_ROUNDOFF * (np.abs(xs) @ np.abs(w_hat).T) + np.abs(expected) * 2e-7
+    ah.assert_within("matmul_4bit(out=buffer): the buffer", out.cpu().numpy(), expected, bound)

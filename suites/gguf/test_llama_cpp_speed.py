@@ -35,6 +35,13 @@ SAMPLES = 5  # llama-bench -r 5
 TG_BUDGET_S = 30.0
 #: As the model tier's throughput tolerances (suites/model/test_generation.py): the noise-aware rule
 #: flags a regression only when the whole 95% interval of the median ratio is worse than this.
+#: Devices where a batch of 512 must beat one-token steps. On a GPU batching is the point (H100: pp512
+#: ~50k vs tg128 ~0.8k tok/s). On a CPU it is not a law: without a GEMM kernel for the type (ggml's
+#: AVX2 path has none for K-quants or Q4_1), a prompt token costs a vector-dot pass like a generated
+#: one plus attention over a longer context. Measured on an AMD EPYC with AVX2 only, 2 cores
+#: (llama-cpp-python 0.3.36, 2026-12-03): Q4_K_M pp512 53-65 vs tg128 79-88 tok/s; earlier Q4_1
+#: 79 vs 94. There the figures are recorded and compared with their class baselines only.
+BATCH_BEATS_STEPS = ("cuda", "mps")
 THROUGHPUT_TOL = {
     "cpu": Tolerance(rel=0.5, why="cpu: 2 shared cores; FINDINGS measured tg 115-150 and pp 330-860 tok/s "
                                   "between runs under load"),
@@ -46,7 +53,7 @@ THROUGHPUT_TOL = {
 
 @pytest.mark.parametrize("ftype", TYPE_PARAMS)
 def test_pp512_and_tg128(ftype, device, llama_cpp_files, record_metric):
-    """Prompt processing and generation tokens/s as repeated samples; a batch of 512 beats 1-token steps."""
+    """Prompt processing and generation tokens/s as repeated samples; on a GPU a batch of 512 beats 1-token steps."""
     llm = llama_cpp_files.load(ftype, device)
     try:
         prompt = llama_cpp_run.bench_tokens(llm, PP_TOKENS, seed=0)
@@ -66,4 +73,7 @@ def test_pp512_and_tg128(ftype, device, llama_cpp_files, record_metric):
     record_metric(tables.metric_name("decode_tok_s", method), sorted(tg)[SAMPLES // 2], unit="tok/s",
                   better="higher", tolerance=tolerance, samples=tg)
     assert min(pp) > 0 and min(tg) > 0
-    assert sorted(pp)[SAMPLES // 2] > sorted(tg)[SAMPLES // 2], (pp, tg)
+    if device in BATCH_BEATS_STEPS:
+        assert sorted(pp)[SAMPLES // 2] > sorted(tg)[SAMPLES // 2], (
+            f"{ftype} on {device}: pp{PP_TOKENS} median {sorted(pp)[SAMPLES // 2]:.1f} tok/s is not above "
+            f"tg{TG_TOKENS} median {sorted(tg)[SAMPLES // 2]:.1f}: batching gains nothing (pp {pp}, tg {tg})")

@@ -24,6 +24,7 @@ import math
 import numpy as np
 import pytest
 
+from scalellm import lora_math
 from suites.helpers import assertions as ah
 from suites.helpers.packages import need
 
@@ -90,7 +91,7 @@ def with_adapter(base: str, device: str, dropout: float, rslora: bool):
 
 def expected_update(x, A, B, rslora: bool) -> tuple[np.ndarray, np.ndarray]:
     """(s · x Aᵀ Bᵀ in float64, s · |x| |A|ᵀ |B|ᵀ) from the raw tensors and the configured alpha, r."""
-    s = ALPHA / math.sqrt(RANK) if rslora else ALPHA / RANK
+    s = lora_math.scaling(ALPHA, RANK, rslora)
     x, A, B = (t.detach().double().cpu().numpy() for t in (x, A, B))
     return s * (x @ A.T @ B.T), s * (np.abs(x) @ np.abs(A).T @ np.abs(B).T)
 
