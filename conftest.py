@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from scalellm import devices  # noqa: E402
 from scalellm.baselines import LEVELS, BaselineError, BaselineStore, Metric, Tolerance  # noqa: E402
+from suites.helpers import crashes  # noqa: E402
 from suites.helpers.recorder import MetricRecorder  # noqa: E402
 
 # pytester: the harness self-tests run small suites through this conftest. scalellm_pytest: the options
@@ -59,6 +60,7 @@ def pytest_configure(config):
                               report_dir=config.getoption("--report-dir"), update_levels=levels)
     config.pluginmanager.register(recorder, "scalellm-recorder")
     config.stash[RECORDER] = recorder
+    crashes.register(config)
 
 
 RECORDER = pytest.StashKey[MetricRecorder]()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -65,6 +66,12 @@ def cmd_check(args, extra: list[str]) -> int:
         cmd.append("--require-device")  # asked for a GPU by name: its absence is a fault
     if args.update_baselines:
         cmd.append("--update-baselines")
+    if not args.in_process and importlib.util.find_spec("xdist") is not None:
+        # one pytest-xdist worker: a crash in a library fails its test and the run goes on in a fresh
+        # worker, with complete results (suites/helpers/crashes.py)
+        if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+            cmd += ["-p", "xdist.plugin"]  # xdist's own advice when entry points are not loaded
+        cmd += ["-n", "1"]
     cmd += extra
     print(f"scalellm check: device {device} ({devices.device_class(device)}), -m {expr!r}", flush=True)
     print(f"scalellm check: running {' '.join(cmd[1:])}", flush=True)
@@ -121,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-m", metavar="EXPR", help="further marker expression, e.g. 'nf4 and reference'")
     check.add_argument("--reports", default="reports", metavar="DIR", help="where run folders go (default reports/)")
     check.add_argument("--update-baselines", action="store_true", help="store figures of passing tests as baselines")
+    check.add_argument("--in-process", action="store_true",
+                       help="run the tests in this pytest process, not in a pytest-xdist worker (a crash in a "
+                            "library then ends the run)")
     plan = sub.add_parser("plan", help="predict peak GPU memory of a model/method/task; fit verdict for 8-24 GiB cards")
     plan.add_argument("model", help="a shape fixture name (fixtures/shapes), a config.json, or a checkpoint directory")
     plan.add_argument("--method", default="bf16", help="fp32, bf16, fp16, int8, nf4, nf4-dq, fp4, fp4-dq, gptq4 "

@@ -131,7 +131,8 @@ def _outcome(report) -> tuple[str, str] | None:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         return "skipped", reason.removeprefix("Skipped: ")
     if report.failed:
-        return ("failed" if report.when == "call" else "error"), report.longreprtext.splitlines()[-1][:500] \
+        # "???": xdist's report of a test whose worker died (suites/helpers/crashes.py): the test failed
+        return ("failed" if report.when in ("call", "???") else "error"), report.longreprtext.splitlines()[-1][:500] \
             if report.longreprtext else ""
     return None
 
