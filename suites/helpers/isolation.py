@@ -14,8 +14,8 @@ does), not the parent's objects, CUDA context or allocator.
 The child starts with the environment this process started with (:data:`STARTING_ENVIRON`), not the
 one it has by then: a library may change ``os.environ`` when imported, and the child would inherit
 the change. gptqmodel 7.6.0 does (``gptqmodel/models/auto.py`` sets ``PYTORCH_ALLOC_CONF`` to
-``expandable_segments:True,...`` when it is unset), and the CUDA allocator of every child started
-after the gptq tier read it. Measured on an H200 (torch 2.11, bnb 0.50.2, 2026-12-03, N=1 each, a
+``expandable_segments:True,...`` when it is unset; peft 0.21 imports it whenever it creates a LoRA
+model), and the CUDA allocator of every child started after the gptq or lora tier read it. Measured on an H200 (torch 2.11, bnb 0.50.2, 2026-12-03, N=1 each, a
 fresh child each): TinyLlama's int8 prefill peaked at 1.429 GB with the starting environment and at
 1.366 GB with gptqmodel's setting, moving the planner's error from -4.2% (the H100 baseline: -4.2%)
 to +0.25%, beyond its 2-point drift. The test process keeps the library's change (that is what a
