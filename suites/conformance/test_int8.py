@@ -176,6 +176,41 @@ def test_outlier_columns_equal_bnb(bnb8, device, record_metric):
     record_metric("code_mismatch_share", share, unit="fraction", better="lower", tolerance=CODEC_TOL)
 
 
+#: Values at the threshold's edge, one per column of an otherwise N(0, 1/16) float16 matrix: the
+#: largest float16 below it, the threshold itself, the smallest above it, and their negatives.
+EDGE_COLUMNS = 6
+
+
+def edge_input(threshold: float):
+    """(x float16 (16, 64), the edge values placed in columns 0..5)."""
+    import torch
+
+    t = np.float16(threshold)
+    below, above = np.nextafter(t, np.float16(0)), np.nextafter(t, np.float16(np.inf))
+    edges = np.array([below, t, above, -below, -t, -above], dtype=np.float16)
+    x = normal_fp16(16, 64) * 0.25  # std 0.25: no other value comes near the threshold
+    for col, value in enumerate(edges):
+        x[3, col] = float(value)
+    return x, edges
+
+
+@pytest.mark.parametrize("threshold", [OUTLIER_THRESHOLD, 3.0])
+def test_outlier_columns_at_the_thresholds_edge_equal_the_reference(bnb8, device, threshold):
+    """LLM.int8 §3.2 (bnb ``int8_vectorwise_quant``): a column is an outlier when any ``|x| >= threshold``.
+    At the edge the rule decides alone: ``t`` and ``-t`` are outliers, the float16 just below is not. A
+    library that moved to ``>``, or to another threshold, names itself here."""
+    x, edges = edge_input(threshold)
+    ref = vectorwise_quantize(x, threshold)
+    _, _, cols = bnb_quant(bnb8, x, device, threshold)
+    at_edge = {int(c) for c in (cols if cols is not None else []) if c < EDGE_COLUMNS}
+    want = {int(c) for c in ref.outlier_cols if c < EDGE_COLUMNS}
+    assert want == {1, 2, 4, 5}, f"the reference's rule moved: outlier edge columns {sorted(want)}"
+    assert at_edge == want, (
+        f"int8_vectorwise_quant(threshold={threshold}) outlier columns at the edge: "
+        + ", ".join(f"{float(edges[c])!r} {'outlier' if c in at_edge else 'kept'}" for c in range(EDGE_COLUMNS))
+        + f"; the rule |x| >= {threshold} makes {sorted(want)} outliers")
+
+
 def test_row_stats_exclude_only_the_outlier_values(bnb8):
     """bnb zeroes outlier *elements* before the row max: a value below the threshold in an outlier
     column still sets its row's scale, though that column is computed in 16-bit."""
