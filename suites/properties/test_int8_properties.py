@@ -23,7 +23,20 @@ HALF_STEP = 1.0 / 254.0
 FLOAT32_SLACK = 8 * float(np.finfo(np.float32).eps)
 THRESHOLDS = st.sampled_from([0.0, 1.0, OUTLIER_THRESHOLD])
 
-finite16 = st.floats(width=16, allow_nan=False, allow_infinity=False)
+
+
+def finite_half(bits: int) -> float:
+    """The float16 with these 16 bits, an inf/NaN pattern (exponent all ones) moved to the finite
+    pattern with its top exponent bit cleared: every finite float16 is reachable, nothing rejected."""
+    if bits & 0x7C00 == 0x7C00:
+        bits ^= 0x4000
+    return float(np.array(bits, dtype=np.uint16).view(np.float16))
+
+
+#: Finite float16 values by bit pattern. ``st.floats(width=16, allow_nan=False, allow_infinity=False)``
+#: had 40-82 of every 80-122 array draws rejected as invalid here (hypothesis' statistics, cpu,
+#: 2026-12-03), and once failed the ``filter_too_much`` health check on a busy machine.
+finite16 = st.integers(0, 0xFFFF).map(finite_half)
 matrices = hnp.arrays(np.float16, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=24), elements=finite16)
 tensors = hnp.arrays(np.float16, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=10), elements=finite16)
 
