@@ -24,6 +24,7 @@ from scalellm.quant.int8 import (
 )
 from suites.conformance.bnb_codec import load
 from suites.helpers import assertions as ah
+from suites.helpers.bounds import MATMUL_MAX_REL_DIFF
 from suites.helpers.packages import need
 
 pytestmark = [pytest.mark.int8, pytest.mark.reference]
@@ -40,11 +41,6 @@ STRAY_VALUE = 6.5  # one value >= threshold in an otherwise normal column: bnb m
 # of 262,144 fp16 codes (0.014%, measured on this x86 box); 1e-3 allows 7x that, and no code may
 # move by more than one step.
 DEVICE_CODE_MISMATCH_MAX = 1e-3
-# Reference mixed matmul vs Linear8bitLt, max |dY| / max |Y|. Both round the int8 part to fp16 and
-# then the sum (half an ulp each, ulp <= 2^-10 |y|); bnb's CPU int8_mm_dequant multiplies by
-# 6.200124e-05 (1.8e-5 above 1/127^2) and sums in another float32 order, far below an ulp.
-# Two fp16 ulps of the largest output: 2^-9. Measured on CPU: 5.9e-4 (one ulp).
-MATMUL_MAX_REL_DIFF = 2.0**-9
 # §3.2's claim, as a ratio of relative Frobenius errors against the exact matmul (threshold 0 vs
 # 6). Measured on CPU with these shapes: 0.0445 / 0.0074 = 6.0x; requiring 3x asserts a several-fold
 # reduction without tracking the seed.

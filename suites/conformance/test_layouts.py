@@ -16,7 +16,9 @@ the oracle is the numpy reference run on the view's values; bnb must return
   the 8-bit blockwise codes, which must be one of the two codes around the value (``BRACKET_SLACK``
   says why: bnb's native CPU kernel does not always pick the nearer).
 
-``Linear4bit``'s forward on a non-contiguous input is held to ``x @ Ŵᵀ + b`` computed in float64
+``Linear8bitLt``'s forward (threshold 6, outliers decomposed) on a view is held to the reference's
+mixed-precision matmul of the view's values (``suites/helpers/bounds.py``). ``Linear4bit``'s forward
+on a non-contiguous input is held to ``x @ Ŵᵀ + b`` computed in float64
 from the reference dequantization of the layer's own state, within the float32 dot-product error
 bound (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1: ``|fl(x·w) - x·w| <= γ_n
 Σ|x_i w_i|``, ``γ_n = n·u/(1 - n·u)``).
@@ -31,9 +33,10 @@ from hypothesis import strategies as st
 
 from scalellm.quant import codebook, dequantize_4bit, quantize_4bit
 from scalellm.quant.double_quant import quantize_blockwise
-from scalellm.quant.int8 import vectorwise_quantize
+from scalellm.quant.int8 import OUTLIER_THRESHOLD, mixed_precision_matmul, vectorwise_quantize
 from suites.conformance.bnb_codec import BnbResult
 from suites.helpers import assertions as ah
+from suites.helpers.bounds import MATMUL_MAX_REL_DIFF
 from suites.helpers.bnb_paths import (dequantize_4bit_takes_avx512, dequantize_4bit_takes_native_kernel,
                                       rows_straddle_blocks)
 
@@ -251,3 +254,30 @@ def test_linear4bit_forward_of_any_layout_is_x_times_the_dequantized_weight(devi
     expected = xs.astype(np.float64) @ w_hat.astype(np.float64).T + bias.numpy()
     bound = dot_product_bound(xs, w_hat, float(np.finfo(np.float32).eps) / 2) + np.abs(expected) * 2e-7
     ah.assert_within(op, y.cpu().numpy(), expected, bound)
+
+
+# ---------------------------------------------------------------- Linear8bitLt on a view
+
+
+@pytest.mark.devices("cpu")
+@pytest.mark.int8
+@given(case=views(dtypes=("float16",), min_dims=2))
+def test_linear8bitlt_forward_of_any_layout_is_the_reference_mixed_matmul(device, bnb, case):
+    """LLM.int8 §3.2 with outliers (threshold 6): bnb's forward on a view against the reference's
+    mixed-precision matmul of the view's values, within ``MATMUL_MAX_REL_DIFF`` of max |Y|."""
+    import torch
+
+    x, what = case
+    out_features = 24
+    weight = (torch.randn(out_features, x.shape[1], generator=torch.Generator().manual_seed(x.shape[1])) * 0.1).half()
+    layer = bnb.bnb.nn.Linear8bitLt(x.shape[1], out_features, bias=False, has_fp16_weights=False,
+                                    threshold=OUTLIER_THRESHOLD)
+    layer.weight = bnb.bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    layer = layer.to(device).eval()  # train mode on cpu takes another path (dequantize + fp matmul)
+    with torch.no_grad():
+        y = layer(x)
+    op = f"Linear8bitLt(threshold {OUTLIER_THRESHOLD}) forward of {what}"
+    ah.assert_layout(op, y, shape=(x.shape[0], out_features), dtype="float16", device=device)
+    ref = mixed_precision_matmul(x.contiguous(), weight, OUTLIER_THRESHOLD, outlier_weights="dequantized")
+    scale = max(float(np.abs(ref).max()), float(np.finfo(np.float16).tiny))
+    ah.assert_within(op, y.float().cpu().numpy(), ref.astype(np.float32), MATMUL_MAX_REL_DIFF * scale)
