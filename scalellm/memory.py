@@ -18,6 +18,7 @@ so the next measurement starts clean.
 
 from __future__ import annotations
 
+import functools
 import gc
 import resource
 import sys
@@ -113,9 +114,10 @@ def peak_bytes(device: str) -> int:
     return cpu_peak_bytes()
 
 
-def _release_free_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing), so the
-    resident set counts live memory rather than what the allocator keeps for reuse."""
+@functools.cache
+def _libc():
+    """The C library, if this platform's has ``malloc_trim`` (glibc), else None (looked up once:
+    ``find_library`` may run ``ldconfig``)."""
     import ctypes
     import ctypes.util
 
@@ -123,8 +125,15 @@ def _release_free_heap() -> None:
     try:
         libc = ctypes.CDLL(name) if name else None
     except OSError:
-        libc = None
-    if libc is not None and hasattr(libc, "malloc_trim"):
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing), so the
+    resident set counts live memory rather than what the allocator keeps for reuse."""
+    libc = _libc()
+    if libc is not None:
         libc.malloc_trim(0)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -50,6 +51,10 @@ class CrashReports:
         if worker is not None:
             self._file = open(self.folder() / f"{worker}.log", "w")  # noqa: SIM115 - open while the worker lives
             faulthandler.enable(file=self._file, all_threads=False)
+
+    def pytest_unconfigure(self, config):
+        if getattr(config, "workerinput", None) is None:  # the controller: the workers are gone
+            shutil.rmtree(self.folder(), ignore_errors=True)
 
     def pytest_handlecrashitem(self, crashitem, report, sched):
         """xdist's report of a test whose worker died: add how it died (its faulthandler file)."""
