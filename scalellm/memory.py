@@ -53,15 +53,20 @@ def synchronize(device: str) -> None:
 # ---------------------------------------------------------------- cpu
 
 
-def _vm_hwm() -> int | None:
-    """Peak RSS in bytes from ``/proc/self/status`` (Linux), else None."""
+def _status_bytes(key: str) -> int | None:
+    """The ``key`` line of ``/proc/self/status`` (Linux; kB there) in bytes, else None."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024  # kB
     except OSError:
         return None
     return None
+
+
+def _vm_hwm() -> int | None:
+    """Peak RSS in bytes from ``/proc/self/status`` (Linux), else None."""
+    return _status_bytes("VmHWM")
 
 
 def rss_peak_resettable() -> bool:
@@ -139,13 +144,7 @@ def _release_free_heap() -> None:
 
 def resident_bytes() -> int | None:
     """This process's resident set size now (``VmRSS`` in ``/proc/self/status``, Linux), else None."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        return None
-    return None
+    return _status_bytes("VmRSS")
 
 
 def held_now(device: str) -> dict[str, int]:

@@ -63,13 +63,19 @@ def check_flat(what: str, growth: dict[str, int], held: int, calls: int) -> None
                        + f"; budget {LEAK_SHARE:.0%} of the held bytes")
 
 
+def model_held_and_ids(models_cache, method_name: str, device: str, corpus):
+    """(the model as the method loads it, the bytes it holds, a 16-token input on ``device``)."""
+    import torch
+
+    model, _ = models_cache.get(method_name, device)
+    return model, sum(load.held_bytes(model).values()), torch.tensor([corpus.ids[:16]], device=device)
+
+
 @pytest.mark.parametrize("method_name", LEAK_METHODS)
 def test_memory_is_flat_over_repeated_forwards(method_name, device, models_cache, corpus):
     import torch
 
-    model, _ = models_cache.get(method_name, device)
-    held = sum(load.held_bytes(model).values())
-    ids = torch.tensor([corpus.ids[:16]], device=device)
+    model, held, ids = model_held_and_ids(models_cache, method_name, device, corpus)
 
     def forward():
         with torch.inference_mode():
@@ -83,13 +89,11 @@ def test_memory_is_flat_over_repeated_forwards(method_name, device, models_cache
 def test_memory_is_flat_over_repeated_generate_calls(method_name, device, models_cache, corpus):
     import torch
 
-    model, _ = models_cache.get(method_name, device)
-    held = sum(load.held_bytes(model).values())
-    ids = torch.tensor([corpus.ids[:16]], device=device)
+    model, held, ids = model_held_and_ids(models_cache, method_name, device, corpus)
 
     def generate():
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
 
-    check_flat(f"{method_name} generate on {device}", memory.growth_over_calls(quietly(generate), device, GENERATE_CALLS, 2),
-               held, GENERATE_CALLS)
+    check_flat(f"{method_name} generate on {device}",
+               memory.growth_over_calls(quietly(generate), device, GENERATE_CALLS, 2), held, GENERATE_CALLS)
