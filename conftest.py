@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from scalellm import devices  # noqa: E402
 from scalellm.baselines import LEVELS, BaselineError, BaselineStore, Metric, Tolerance  # noqa: E402
-from suites.helpers import crashes  # noqa: E402
+from suites.helpers import crashes, support  # noqa: E402
 from suites.helpers.recorder import MetricRecorder  # noqa: E402
 
 # pytester: the harness self-tests run small suites through this conftest. scalellm_pytest: the options
@@ -103,6 +103,20 @@ def pytest_runtest_setup(item):
             pytest.skip(check.reason)
 
 
+def pytest_report_header(config):
+    """Before the run: installed releases too old to have kernels for a device (suites/helpers/support.py)."""
+    return support.header_lines()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that used a library release older than its first kernels for the test's device
+    is reported ``unsupported``, not failed (suites/helpers/support.py says exactly when)."""
+    report = yield
+    support.mark_unsupported(item, call, report)
+    return report
+
+
 def pytest_sessionfinish(session, exitstatus):
     """``pytest -m cuda`` on a machine with no cuda case collected is not a failure of the nightly job."""
     expr = session.config.getoption("markexpr") or ""
@@ -141,7 +155,7 @@ def record_metric(request):
     outside its tolerance fails the test (after the test body ends, so every figure is recorded).
     """
     recorder = request.config.stash[RECORDER]
-    device = request.node.callspec.params.get("device", "cpu") if hasattr(request.node, "callspec") else "cpu"
+    device = support.device_of(request.node)
 
     def record(name: str, value: float, *, unit: str, better: str, tolerance: Tolerance,
                samples=None) -> None:

@@ -156,6 +156,10 @@ def compare(metric: Metric, baseline: Baseline | None, current_env: dict, looked
         where = f" at {', '.join(looked_in)}" if looked_in else ""
         return Verdict("new", f"{_label(metric)}: {_fmt(metric.value, metric.unit)} is new (no baseline{where}; "
                               f"scope {metric.scope})")
+    elsewhere = other_cpu_model(baseline, current_env)
+    if elsewhere:
+        return Verdict("new", f"{_label(metric)}: {_fmt(metric.value, metric.unit)} is new here ({elsewhere}; "
+                              f"scope {metric.scope})")
     if (baseline.unit, baseline.better) != (metric.unit, metric.better):
         return Verdict("fail", f"{_label(metric)}: baseline is in {baseline.unit!r} ({baseline.better} is better), "
                                f"measured in {metric.unit!r} ({metric.better} is better)", baseline)
@@ -172,6 +176,21 @@ def compare(metric: Metric, baseline: Baseline | None, current_env: dict, looked
                 + "; ".join(f"{k} {a} -> {b}" for k, (a, b) in diffs.items())) if diffs else \
         "environment: same as the baseline's"
     return Verdict("fail", f"{_label(metric)}: {detail}\n  {env_line}", baseline)
+
+
+def other_cpu_model(baseline: Baseline, current_env: dict) -> str | None:
+    """Why a cpu class baseline does not apply on this machine, or None.
+
+    A cpu class names vendor, ISA path and cores (``scalellm.devices.cpu_class``), not the
+    microarchitecture: a VM's 'AMD EPYC' is several generations whose kernels run at different
+    speeds. A class figure recorded with its CPU model id applies only to that model; one recorded
+    without (before the id was kept) applies to its whole class."""
+    if baseline.level != "class" or not baseline.applies_to.startswith("cpu-"):
+        return None
+    theirs, ours = baseline.environment.get("cpu_model_id"), current_env.get("cpu_model_id")
+    if theirs and ours and theirs != ours:
+        return f"the class baseline was recorded on CPU {theirs}, this machine's is {ours}"
+    return None
 
 
 def _compare_point(metric: Metric, baseline: Baseline) -> tuple[bool, str]:

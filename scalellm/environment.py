@@ -56,6 +56,24 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
     return model or platform.machine(), [f for f in CPU_FLAGS if f in flags]
 
 
+def cpu_model_id() -> str | None:
+    """The processor's model numbers, which name its microarchitecture where the model name does not
+    (a VM reports 'AMD EPYC' for several generations): x86 'family 25 model 1', Arm 'implementer 0x41
+    part 0xd0c' (/proc/cpuinfo); None where there is no /proc/cpuinfo (macOS names its chip)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    for first, second in (("cpu family", "model"), ("CPU implementer", "CPU part")):
+        if fields.get(first) and fields.get(second):
+            return f"{first.split()[-1]} {fields[first]} {second.split()[-1]} {fields[second]}"
+    return None
+
+
 def usable_cores() -> int:
     """Cores this process may run on: its affinity mask, not ``os.cpu_count()``, which counts the
     whole host's (a 16-core container on a large GPU server sees all of the server's cores)."""
@@ -118,6 +136,7 @@ def fingerprint() -> dict:
         "platform": f"{platform.system()}-{platform.machine()}",
         "cpu": cpu,
         "cpu_flags": ",".join(flags),
+        "cpu_model_id": cpu_model_id(),
         "cpu_cores": usable_cores(),
         "scalellm_commit": git_commit(),
         **{name: package_version(name) for name in TRACKED_PACKAGES},

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
 
 #: import name -> install hint printed when it is missing.
 INSTALL_HINTS = {
@@ -33,6 +35,38 @@ TIERS = {
     "gguf inference (llama.cpp)": ("llama_cpp",),
     "gptq (library backend)": ("gptqmodel", "optimum"),
 }
+
+
+#: (import name, device kind) -> the first release with kernels for that device, the method markers
+#: whose tests use the package, and how the release was found. A test on that device that fails while
+#: an older release is installed is reported ``unsupported``, not failed (``suites/helpers/support.py``
+#: says exactly when); from this release on, a failure is a failure.
+FIRST_WITH_KERNELS = {
+    ("bitsandbytes", "cpu"): ("0.46.0", ("int8", "nf4", "fp4"),
+                              "of 9 CPU ops probed (quantize/dequantize 4-bit and blockwise, int8 quantize and "
+                              "matmul, Linear4bit, Linear8bitLt and matmul_4bit forwards), 0.45.4 ran none and "
+                              "0.46.0 all 9 (torch 2.13 CPU, AMD EPYC AVX2, 2026-12-03)"),
+}
+
+
+def release(version: str) -> tuple[int, ...]:
+    """'0.46.0' -> (0, 46, 0); a pre-release or local suffix is dropped ('0.50.2.dev13' -> (0, 50, 2))."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0].split(".dev")[0].split("rc")[0]))
+
+
+def predates_kernels(name: str, device: str) -> str | None:
+    """Why the installed ``name`` has no kernels for ``device`` (a release older than the first that has
+    them, :data:`FIRST_WITH_KERNELS`), or None."""
+    if (name, device) not in FIRST_WITH_KERNELS:
+        return None
+    first = FIRST_WITH_KERNELS[(name, device)][0]
+    try:
+        installed = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if release(installed) >= release(first):
+        return None
+    return f"{name} {installed} predates its {device} kernels (first in {first})"
 
 
 def present(name: str) -> bool:

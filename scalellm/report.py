@@ -54,8 +54,11 @@ def record_hint(metrics: list[dict]) -> str:
     new = [m for m in metrics if m["status"] == "new"]
     if not new:
         return ""
-    classes = sorted({m["device_class"] for m in new if m.get("scope") == "class"})
+    classes = sorted({m["device_class"] for m in new if m.get("scope") == "class" and m.get("level") is None})
     where = f" (class {', '.join(classes)} has no baselines for them)" if classes else ""
+    other_cpu = sum(1 for m in new if m.get("level") is not None)
+    if other_cpu:
+        where += f" ({other_cpu} of them were recorded on another CPU model of this class)"
     return (f"{len(new)} figure(s) have no baseline here{where}: they were reported, not checked. Record them with "
             "`scalellm check --update-baselines` on a passing run (`--update-levels class` writes only this "
             "machine's class figures).")
@@ -106,6 +109,11 @@ def summary_markdown(run: Run) -> str:
     parts += [markdown_table(METRIC_HEADER, metric_rows(run)) if run.metrics else "No figures recorded.", ""]
     if run.updated:
         parts += ["## Baselines written", ""] + [f"- `{p}`" for p in run.updated] + [""]
+    unsupported = Counter(t["reason"] for t in run.tests if t["outcome"] == "unsupported")
+    if unsupported:
+        parts += ["## Unsupported", "", "Failures of tests that used a library release older than its first kernels for the "
+                  "device (`scalellm.packages.FIRST_WITH_KERNELS`):", "",
+                  markdown_table(["tests", "reason"], [[str(n), r] for r, n in unsupported.most_common()]), ""]
     reasons = skip_reasons(run)
     if reasons:
         parts += ["## Skipped", "", markdown_table(["tests", "reason"], [[str(n), r] for r, n in reasons.most_common()]),

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from suites.conformance.bnb_codec import BnbCodec, load
 from suites.helpers.isolation import Worker
+from suites.helpers.packages import need
+
+
+@pytest.fixture(scope="session")
+def bnb() -> BnbCodec:
+    """bitsandbytes' 4-bit codec behind a numpy adapter (skips with the install hint when it is missing)."""
+    need("bitsandbytes")
+    return BnbCodec(load())
 
 
 @pytest.fixture(scope="module")

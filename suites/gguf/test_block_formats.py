@@ -55,21 +55,6 @@ def types(names):
     return [pytest.param(t, id=t) for t in names]
 
 
-def assert_blocks_identical(op: str, ours: np.ndarray, theirs: np.ndarray, type_size: int) -> None:
-    """Raw blocks identical; on failure: how many blocks and bytes differ, the worst block, the bits."""
-    __tracebackhide__ = True
-    assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == theirs.shape, (
-        f"{op}: got {ours.dtype}{ours.shape}, expected {theirs.dtype}{theirs.shape}")
-    diff = ah.compare(ours, theirs, type_size)
-    if diff.count:
-        bad = (ours.reshape(-1, type_size) != theirs.reshape(-1, type_size)).any(axis=1)
-        b = diff.worst_block
-        raise AssertionError(
-            f"{op}: {int(bad.sum())} of {bad.size} blocks differ; bytes: {diff.describe(type_size)}\n"
-            f"worst block {b}: ours {ours.reshape(-1, type_size)[b].tolist()}\n"
-            f"{' ' * (len(str(b)) + 13)}theirs {theirs.reshape(-1, type_size)[b].tolist()}")
-
-
 def relative_error(x: np.ndarray, y: np.ndarray) -> float:
     """||x - y|| / ||x|| in float64."""
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
@@ -110,7 +95,7 @@ def test_quantize_bytes_identical_to_gguf_py(gguf_py, qtype, data):
     x = DATASETS[data](CONFORMANCE_SHAPE)
     ours = ref.quantize(x, qtype)
     theirs = gguf_py.quants.quantize(x, gguf_py.GGMLQuantizationType[qtype])
-    assert_blocks_identical(f"quantize({data}{x.shape}, {qtype})", ours, theirs, ref.type_size(qtype))
+    ah.assert_blocks_identical(f"quantize({data}{x.shape}, {qtype})", ours, theirs, ref.type_size(qtype))
 
 
 @pytest.mark.parametrize("data", list(DATASETS))
@@ -201,7 +186,7 @@ def test_real_tensor_requantizes_to_llama_cpp_bytes(real_tensors, name):
     """
     qtype, shape, raw = real_tensors[name]
     again = ref.quantize(ref.dequantize(raw, qtype, shape), qtype)
-    assert_blocks_identical(f"quantize(dequantize({name}), {qtype})", again, raw, ref.type_size(qtype))
+    ah.assert_blocks_identical(f"quantize(dequantize({name}), {qtype})", again, raw, ref.type_size(qtype))
 
 
 @pytest.mark.parametrize("qtype", types(LEGACY))
@@ -210,7 +195,7 @@ def test_real_weights_requantize_byte_identical_to_gguf_py(gguf_py, real_tensors
     src_type, shape, raw = real_tensors[FFN_DOWN]
     x = ref.dequantize(raw, src_type, shape)
     theirs = gguf_py.quants.quantize(x, gguf_py.GGMLQuantizationType[qtype])
-    assert_blocks_identical(f"quantize({FFN_DOWN}, {qtype})", ref.quantize(x, qtype), theirs, ref.type_size(qtype))
+    ah.assert_blocks_identical(f"quantize({FFN_DOWN}, {qtype})", ref.quantize(x, qtype), theirs, ref.type_size(qtype))
 
 
 @pytest.mark.parametrize("qtype", types(ALL_TYPES))

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from scalellm import models
 from scalellm.gguf_file import HEADER_BYTES, GGUFFileError, numpy_shape, open_gguf
 from scalellm.quant import gguf as ref
+from suites.helpers.gguf_bytes import kv_offset
 
 pytestmark = [pytest.mark.gguf, pytest.mark.reference]
 
@@ -75,13 +76,6 @@ def assert_refused(path, *fragments: str) -> GGUFFileError:
     for fragment in fragments:
         assert fragment in message, message
     return info.value
-
-
-def kv_offset(data: bytes, key: str) -> int:
-    """Offset of the value-type field that follows ``key`` in the header."""
-    encoded = key.encode()
-    at = data.index(struct.pack("<Q", len(encoded)) + encoded)
-    return at + 8 + len(encoded)
 
 
 # ---------------------------------------------------------------- the valid files

@@ -24,7 +24,7 @@ import pytest
 from scalellm import llama_cpp_quantize as lq
 from scalellm.quant import gguf as ref
 from suites.gguf.conftest import ALL_TYPES, K_QUANTS, normal_rows, weight_like_rows
-from suites.gguf.test_block_formats import assert_blocks_identical
+from suites.helpers import assertions as ah
 
 pytestmark = [pytest.mark.gguf, pytest.mark.reference]
 
@@ -99,7 +99,7 @@ def test_llama_cpp_bytes_identical_to_reference(llama_cpp_quantized, inputs, qty
     want = expected_type(qtype, x.shape[-1])
     assert tensor.type_name == want and tensor.shape == x.shape
     theirs = tensor.raw.reshape(x.shape[0], -1)
-    assert_blocks_identical(f"llama_model_quantize({name}{x.shape}, {want})", ref.quantize(x, want), theirs,
+    ah.assert_blocks_identical(f"llama_model_quantize({name}{x.shape}, {want})", ref.quantize(x, want), theirs,
                             ref.type_size(want))
 
 

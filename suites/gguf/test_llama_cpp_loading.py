@@ -33,7 +33,7 @@ import pytest
 from scalellm import llama_cpp_run, models
 from scalellm.gguf_file import GGUFFileError
 from scalellm.llama_cpp_run import LlamaCppLoadError, LlamaCppWorkerError
-from suites.gguf.test_gguf_files import kv_offset
+from suites.helpers.gguf_bytes import kv_offset
 
 pytestmark = [pytest.mark.gguf]
 

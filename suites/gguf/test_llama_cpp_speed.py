@@ -33,6 +33,11 @@ SAMPLES = 5  # llama-bench -r 5
 #: both cores busy: 1.1 tok/s (ggml's thread barriers spin and wait on a descheduled thread), which
 #: would hold the suite for 10 minutes to record a figure about the neighbours.
 TG_BUDGET_S = 30.0
+#: A spent budget is a failure unless other processes hold the cores: a 1-minute load average at least
+#: one runnable thread above this process's own threads (which spin, so they count). There the figure
+#: is not measured (a skip saying so): measured 2026-12-03, two CI runs on these 2 cores gave 1.26 tok/s
+#: at load average 4.9, where a quiet run gives ~80.
+NEIGHBOUR_THREADS = 1.0
 #: As the model tier's throughput tolerances (suites/model/test_generation.py): the noise-aware rule
 #: flags a regression only when the whole 95% interval of the median ratio is worse than this.
 #: Devices where a batch of 512 must beat one-token steps. On a GPU batching is the point (H100: pp512
@@ -62,8 +67,11 @@ def test_pp512_and_tg128(ftype, device, llama_cpp_files, record_metric):
         pp = [PP_TOKENS / llama_cpp_run.prompt_seconds(llm, prompt) for _ in range(1 + SAMPLES)][1:]
         tg = [TG_TOKENS / llama_cpp_run.generation_seconds(llm, gen, TG_BUDGET_S) for _ in range(1 + SAMPLES)][1:]
     except TimeoutError as exc:
-        pytest.fail(f"tg{TG_TOKENS} on {device} with {llama_cpp_worker.usable_cores()} threads: {exc}; load average "
-                    f"{os.getloadavg()[0]:.1f} (an oversubscribed host)", pytrace=False)
+        cores, load = llama_cpp_worker.usable_cores(), os.getloadavg()[0]
+        where = f"tg{TG_TOKENS} on {device} with {cores} threads: {exc}; load average {load:.1f}"
+        if device == "cpu" and load >= cores + NEIGHBOUR_THREADS:
+            pytest.skip(f"not measured: {where}: other processes hold the cores, so the figure would be theirs")
+        pytest.fail(f"{where}: the host is not oversubscribed, so llama.cpp itself is this slow", pytrace=False)
     finally:
         llm.close()
     tolerance = THROUGHPUT_TOL[device]

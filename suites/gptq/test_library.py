@@ -183,18 +183,19 @@ def test_reloaded_model_answers_the_capital_of_france(device, library_runs, toke
 @pytest.mark.quality
 def test_library_rows_and_beats_round_to_nearest(device, library_runs, real_runs, eval_ids, record_metric):
     """The reloaded library model against fp32 on the evaluation corpus (suites/gptq/test_quality's
-    measure and tolerances): its rows of the cross-method table, and a lower KLD than round-to-nearest
-    at the same bits and group size on the same layers, as the reference has.
+    measure and tolerances, kept in suites/helpers/bounds.py): its rows of the cross-method table, and
+    a lower KLD than round-to-nearest at the same bits and group size on the same layers, as the
+    reference has.
 
     Its figures include bf16 compute (TorchLinear refuses fp32; gptq_library's docstring), which alone
     costs about 0.001 nats of KLD on this model (FINDINGS: bf16 loading), far below GPTQ's own error.
     """
     from scalellm import quality
-    from suites.gptq.test_quality import KLD_TOL, PPL_TOL, TOP1_TOL
+    from suites.helpers.bounds import GPTQ_QUALITY_TOL
 
     q = quality.compare(library_runs.reloaded(device), eval_ids, real_runs.reference(device), device, WINDOW)
     rtn = real_runs.run(device, Spec("rtn", LIBRARY_SETTINGS.bits, LIBRARY_SETTINGS.group_size)).quality
-    record_quality_rows(record_metric, LIBRARY_METHOD, q, ppl=PPL_TOL, kld=KLD_TOL, top1=TOP1_TOL)
+    record_quality_rows(record_metric, LIBRARY_METHOD, q, **GPTQ_QUALITY_TOL)
     assert q.kld_mean < rtn.kld_mean, f"library GPTQ KLD {q.kld_mean:.4f} vs RTN {rtn.kld_mean:.4f}"
 
 

@@ -18,8 +18,7 @@ import pytest
 from scalellm import generate, tables
 from scalellm.baselines import Tolerance
 from suites.gptq.conftest import LIBRARY_METHOD
-#: Generation is timed as the model tier times it, so it is held to that tier's measured tolerances.
-from suites.model.test_generation import THROUGHPUT_TOL
+from suites.helpers.bounds import GENERATION_THROUGHPUT_TOL  # timed as the model tier times it
 
 pytestmark = [pytest.mark.gptq, pytest.mark.throughput]
 
@@ -53,7 +52,7 @@ def test_library_prefill_and_decode_throughput(device, library_runs, tokenizer, 
     assert all(len(r.new_ids) == DECODE_TOKENS for r in runs)
     prefill = [r.prefill_tokens_per_second for r in runs]
     decode = [r.decode_tokens_per_second for r in runs]
-    tolerance = THROUGHPUT_TOL[device]
+    tolerance = GENERATION_THROUGHPUT_TOL[device]
     record_metric(tables.metric_name("prefill_tok_s", LIBRARY_METHOD), sorted(prefill)[SAMPLES // 2], unit="tok/s",
                   better="higher", tolerance=tolerance, samples=prefill)
     record_metric(tables.metric_name("decode_tok_s", LIBRARY_METHOD), sorted(decode)[SAMPLES // 2], unit="tok/s",

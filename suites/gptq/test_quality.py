@@ -14,6 +14,7 @@ import pytest
 
 from scalellm.baselines import Tolerance
 from suites.gptq.conftest import Spec
+from suites.helpers.bounds import GPTQ_QUALITY_TOL
 from suites.helpers.quality_rows import record_quality_rows
 
 pytestmark = [pytest.mark.gptq, pytest.mark.quality]
@@ -31,14 +32,6 @@ ROWS = [pytest.param(s, id=s.name) for s in (GPTQ_4, RTN_4, Spec("rtn", 3))] + [
 #: for a layer whose Hessian is close to diagonal, where the two coincide.
 MIN_SHARE_LINEARS_GPTQ_WINS = 0.95
 
-#: Deterministic on a device (seeded nothing: the calibration and evaluation tokens are fixed and
-#: the algorithm has no randomness), so a figure moves only with the kernels' summation order:
-#: the same tolerances as suites/model/test_quality.py's quantized methods.
-PPL_TOL = Tolerance(rel=0.015, why="deterministic on a device; across CPU kernel paths gptq-4bit-g128 measured "
-                                  "13.89 (Intel AVX512/AMX) vs 14.04 (AMD AVX2, +1.1%), N=1 each, 2026-11/12")
-KLD_TOL = Tolerance(rel=0.05, abs=1e-4, why="deterministic on a device; 5% covers summation order, a bug moves "
-                                            "KLD by tens of percent")
-TOP1_TOL = Tolerance(abs=0.01, why="1 point = ~10 of 1,022 positions flipping on near-ties")
 RATIO_TOL = Tolerance(rel=0.05, why="deterministic on a device; ratio of two figures each within ~2%")
 
 
@@ -70,5 +63,5 @@ def test_gptq_layer_error_below_rtn_on_the_real_model(device, real_runs, record_
 def test_cross_method_rows(device, spec, real_runs, record_metric):
     """Perplexity, mean KLD and top-1 agreement against fp32, stored as baselines (the table's rows)."""
     q = real_runs.run(device, spec).quality
-    record_quality_rows(record_metric, spec.name, q, ppl=PPL_TOL, kld=KLD_TOL, top1=TOP1_TOL)
+    record_quality_rows(record_metric, spec.name, q, **GPTQ_QUALITY_TOL)
     assert q.perplexity >= q.reference_perplexity * 0.9 and q.kld_mean > 0

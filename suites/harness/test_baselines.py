@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scalellm import baselines
+from scalellm import baselines, report
 from scalellm.baselines import Baseline, BaselineError, BaselineStore, Metric, Tolerance, compare
 
 ENV = {"torch": "2.13.0", "python": "3.11.7"}
@@ -183,6 +183,37 @@ def test_a_class_figure_is_new_on_another_class_and_says_where_it_looked(tmp_pat
     assert BaselineStore(tmp_path).get("cuda-nvidia-h200", figure.test_id, "ppl", "class") is None
     verdict = compare(figure, None, ENV, baselines.lookup_order("cuda-nvidia-h200", "class"))
     assert verdict.status == "new" and "no baseline at cuda-nvidia-h200" in verdict.message
+
+
+ZEN3, ZEN2 = {**ENV, "cpu_model_id": "family 25 model 1"}, {**ENV, "cpu_model_id": "family 23 model 49"}
+
+
+@pytest.mark.parametrize("recorded, here, status", [
+    (ZEN3, ZEN3, "fail"),  # same CPU model: checked (and 2x slower fails)
+    (ZEN3, ZEN2, "new"),  # another generation behind the same 'AMD EPYC' class: not checked
+    (ENV, ZEN2, "fail"),  # recorded before the model id was kept: applies to its whole class
+])
+def test_a_cpu_class_figure_applies_only_to_the_cpu_model_that_recorded_it(tmp_path, recorded, here, status):
+    BaselineStore(tmp_path).update("cpu-amd-epyc-avx2-2c", [scoped(2.0, "class")], recorded)
+    got = BaselineStore(tmp_path).get("cpu-amd-epyc-avx2-2c", scoped(0, "class").test_id, "ppl", "class")
+    verdict = compare(scoped(4.0, "class"), got, here)
+    assert verdict.status == status
+    if status == "new":
+        assert "recorded on CPU family 25 model 1, this machine's is family 23 model 49" in verdict.message
+
+
+def test_the_record_hint_tells_a_missing_class_from_another_cpu_model():
+    new = [{"status": "new", "scope": "class", "device_class": "cpu-amd-epyc-avx2-2c", "level": level}
+           for level in (None, "class", "class")]
+    hint = report.record_hint(new)
+    assert "3 figure(s) have no baseline here (class cpu-amd-epyc-avx2-2c has no baselines for them) " \
+           "(2 of them were recorded on another CPU model of this class)" in hint
+
+
+def test_a_cuda_class_figure_ignores_the_host_cpu_model(tmp_path):
+    BaselineStore(tmp_path).update("cuda-nvidia-h200", [scoped(2.0, "class", "cuda")], ZEN3)
+    got = BaselineStore(tmp_path).get("cuda-nvidia-h200", scoped(0, "class", "cuda").test_id, "ppl", "class")
+    assert compare(scoped(2.01, "class", "cuda"), got, ZEN2).status == "pass"
 
 
 def test_an_any_figure_measured_on_cpu_is_checked_on_cuda(tmp_path):

@@ -18,11 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from suites.helpers.bounds import DEVICE_CODE_MISMATCH_MAX
+
 __all__ = [
     "Difference",
+    "assert_blocks_identical",
     "assert_codes_equal",
     "assert_layout",
     "assert_floats_identical",
+    "assert_int8_codes_agree",
     "assert_within",
     "compare",
 ]
@@ -156,3 +160,31 @@ def assert_layout(op: str, actual, *, shape: tuple[int, ...], dtype, device: str
         found.append(f"device {where}, expected {device}")
     if found:
         raise AssertionError(f"{op}: " + "; ".join(found))
+
+
+def assert_int8_codes_agree(op: str, device: str, ref: np.ndarray, lib: np.ndarray) -> float:
+    """LLM.int8 codes: bit-identical on cpu; on other devices at most ``DEVICE_CODE_MISMATCH_MAX``
+    (``suites/helpers/bounds.py`` says why) differ, each by one step. Returns the share that differs."""
+    __tracebackhide__ = True
+    diff = compare(lib, ref, ref.shape[-1])
+    if device == "cpu" and diff.count:
+        raise AssertionError(f"{op}: codes differ on cpu: {diff.describe(ref.shape[-1])}")
+    assert diff.share <= DEVICE_CODE_MISMATCH_MAX, f"{op}: {diff.describe(ref.shape[-1])}"
+    step = int(np.abs(lib.astype(np.int16) - ref).max())
+    assert step <= 1, f"{op}: a code differs by {step} steps"
+    return diff.share
+
+
+def assert_blocks_identical(op: str, ours: np.ndarray, theirs: np.ndarray, type_size: int) -> None:
+    """Raw blocks identical; on failure: how many blocks and bytes differ, the worst block, the bits."""
+    __tracebackhide__ = True
+    assert ours.dtype == theirs.dtype == np.uint8 and ours.shape == theirs.shape, (
+        f"{op}: got {ours.dtype}{ours.shape}, expected {theirs.dtype}{theirs.shape}")
+    diff = compare(ours, theirs, type_size)
+    if diff.count:
+        bad = (ours.reshape(-1, type_size) != theirs.reshape(-1, type_size)).any(axis=1)
+        b = diff.worst_block
+        raise AssertionError(
+            f"{op}: {int(bad.sum())} of {bad.size} blocks differ; bytes: {diff.describe(type_size)}\n"
+            f"worst block {b}: ours {ours.reshape(-1, type_size)[b].tolist()}\n"
+            f"{' ' * (len(str(b)) + 13)}theirs {theirs.reshape(-1, type_size)[b].tolist()}")

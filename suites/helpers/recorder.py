@@ -14,7 +14,7 @@ import pytest
 
 from scalellm import devices, environment, report, results
 from scalellm.baselines import LEVELS, BaselineStore, Metric, compare, lookup_order
-from suites.helpers import scopes
+from suites.helpers import scopes, support
 
 PROPERTY = "scalellm_metric"
 _FAILED = pytest.StashKey[list]()
@@ -103,9 +103,14 @@ class MetricRecorder:
         return [path for dc, group in sorted(by_class.items()) for path in self.store.update(dc, group, env)]
 
     def pytest_terminal_summary(self, terminalreporter):
+        tr = terminalreporter
+        unsupported = [t for t in self.tests.values() if t["outcome"] == "unsupported"]
+        if unsupported:
+            tr.section("scalellm unsupported")
+            tr.write_line(f"{len(unsupported)} test(s) unsupported, not failed: "
+                          f"{unsupported[0]['reason'].split(';')[0].removeprefix(support.PREFIX)}")
         if not self.metrics and not self.update:
             return
-        tr = terminalreporter
         tr.section("scalellm metrics")
         for entry in self.metrics:
             if entry["status"] == "new":
@@ -129,7 +134,8 @@ def _outcome(report) -> tuple[str, str] | None:
         return ("xfailed", report.wasxfail) if report.skipped else ("xpassed", report.wasxfail)
     if report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        return "skipped", reason.removeprefix("Skipped: ")
+        reason = reason.removeprefix("Skipped: ")
+        return ("unsupported" if reason.startswith(support.PREFIX) else "skipped"), reason
     if report.failed:
         # "???": xdist's report of a test whose worker died (suites/helpers/crashes.py): the test failed
         return ("failed" if report.when in ("call", "???") else "error"), report.longreprtext.splitlines()[-1][:500] \

@@ -7,6 +7,7 @@ import pytest
 
 from scalellm import generate, load, planner, roofline, tables, text
 from scalellm.baselines import Tolerance
+from suites.helpers.bounds import GENERATION_THROUGHPUT_TOL
 from suites.model import METHOD_PARAMS, method_params
 
 pytestmark = []  # kind markers per test: quality (behaviour) or throughput (speed)
@@ -21,19 +22,6 @@ DATASET_NEW_TOKENS = 32
 PREFILL_TOKENS = 128
 DECODE_TOKENS = 16
 SAMPLES = 5
-#: Throughput tolerance. cpu here: 2 cores shared with other jobs; two runs' medians differed by up
-#: to ~35% under load (N=2 runs x 5 samples per method). The noise-aware rule flags a regression
-#: only when the whole 95% interval of the median ratio is worse than this.
-THROUGHPUT_TOL = {
-    "cpu": Tolerance(rel=0.5, why="cpu: 2 shared cores; medians of N=2 runs x 5 samples differed by up to ~35%"),
-    # Measured on the lent H100 (2026-11-26): N=3 runs x 5 samples, plus the 2 runs behind the
-    # committed baseline. Batch-1 decode of a 135M model is bound by kernel launches and host overhead,
-    # and run medians moved by up to 44% (fp4-dq decode 20.8-36.9 tok/s, nf4 20.5-38.5, fp32 prefill
-    # 3.9k-5.7k tok/s) with nothing else on the card.
-    "cuda": Tolerance(rel=0.5, why="cuda: launch/host-bound at batch 1; H100 run medians moved by up to 44% "
-                                   "over N=5 runs x 5 samples"),
-    "mps": Tolerance(rel=0.3, why="mps: shared unified memory, untested here; wide until measured"),
-}
 #: The prompt whose greedy answer the FINDINGS record for every method on cpu (" Paris.").
 FACT_PROMPT, FACT_ANSWER = "The capital of France is", "Paris"
 #: A decode speed can't beat reading its bytes once per token; the copy bandwidth is measured once
@@ -105,7 +93,7 @@ def test_prefill_and_decode_throughput(method_name, device, models_cache, tokeni
     generate.greedy(model, tokenizer, ids, DECODE_TOKENS, device, stop_at_eos=False)  # warm-up
     runs = [generate.greedy(model, tokenizer, ids, DECODE_TOKENS, device, stop_at_eos=False) for _ in range(SAMPLES)]
     assert all(len(r.new_ids) == DECODE_TOKENS for r in runs)
-    tolerance = THROUGHPUT_TOL[device]
+    tolerance = GENERATION_THROUGHPUT_TOL[device]
     prefill = [r.prefill_tokens_per_second for r in runs]
     decode = [r.decode_tokens_per_second for r in runs]
     record_metric(tables.metric_name("prefill_tok_s", method_name), sorted(prefill)[SAMPLES // 2], unit="tok/s",

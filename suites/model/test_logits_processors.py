@@ -26,27 +26,28 @@ VOCAB, EOS, PROMPTS, COPIES = 32, 2, 2, 3
 PENALTY = 1.3
 
 
-def processors():
-    """name -> a processor configured as ``generate`` would, for a batch whose rows are 6 tokens long."""
+#: name -> how ``generate`` would configure that processor (given transformers.generation and the
+#: prompts' ids), for a batch whose rows are 6 tokens long.
+PROCESSORS = {
+    "min_length": lambda gen, prompt_ids: gen.MinLengthLogitsProcessor(min_length=10, eos_token_id=EOS),
+    "exponential_decay_length_penalty": lambda gen, prompt_ids: gen.ExponentialDecayLengthPenalty(
+        (2, 1.5), eos_token_id=EOS, input_ids_seq_length=1),
+    "repetition_penalty": lambda gen, prompt_ids: gen.RepetitionPenaltyLogitsProcessor(PENALTY),
+    "encoder_repetition_penalty": lambda gen, prompt_ids: gen.EncoderRepetitionPenaltyLogitsProcessor(PENALTY,
+                                                                                                      prompt_ids),
+    "no_repeat_ngram": lambda gen, prompt_ids: gen.NoRepeatNGramLogitsProcessor(2),
+    "temperature": lambda gen, prompt_ids: gen.TemperatureLogitsWarper(0.7),
+    "top_k": lambda gen, prompt_ids: gen.TopKLogitsWarper(5),
+    "top_p": lambda gen, prompt_ids: gen.TopPLogitsWarper(0.9),
+}
+
+
+def processor(name: str):
+    """The processor ``name`` of :data:`PROCESSORS`, for the prompts [5, 6, 7] and [8, 9, 5]."""
     gen = need("transformers").generation
     import torch
 
-    prompt_ids = torch.tensor([[5, 6, 7], [8, 9, 5]])
-    return {
-        "min_length": gen.MinLengthLogitsProcessor(min_length=10, eos_token_id=EOS),
-        "exponential_decay_length_penalty": gen.ExponentialDecayLengthPenalty((2, 1.5), eos_token_id=EOS,
-                                                                               input_ids_seq_length=1),
-        "repetition_penalty": gen.RepetitionPenaltyLogitsProcessor(PENALTY),
-        "encoder_repetition_penalty": gen.EncoderRepetitionPenaltyLogitsProcessor(PENALTY, prompt_ids),
-        "no_repeat_ngram": gen.NoRepeatNGramLogitsProcessor(2),
-        "temperature": gen.TemperatureLogitsWarper(0.7),
-        "top_k": gen.TopKLogitsWarper(5),
-        "top_p": gen.TopPLogitsWarper(0.9),
-    }
-
-
-PROCESSOR_NAMES = ["min_length", "exponential_decay_length_penalty", "repetition_penalty",
-                   "encoder_repetition_penalty", "no_repeat_ngram", "temperature", "top_k", "top_p"]
+    return PROCESSORS[name](gen, torch.tensor([[5, 6, 7], [8, 9, 5]]))
 
 
 def batch(rows: int):
@@ -60,10 +61,10 @@ def batch(rows: int):
     return ids, scores
 
 
-@pytest.mark.parametrize("name", PROCESSOR_NAMES)
+@pytest.mark.parametrize("name", PROCESSORS)
 def test_a_masked_score_stays_minus_inf_and_nothing_becomes_nan(name):
     ids, scores = batch(PROMPTS)
-    out = processors()[name](ids, scores.clone()).numpy()
+    out = processor(name)(ids, scores.clone()).numpy()
     before = scores.numpy()
     nan = np.argwhere(np.isnan(out))
     assert nan.size == 0, f"{name}: NaN at (row, token) {nan[:4].tolist()} of scores that held -inf at {EOS} and 5"
@@ -74,11 +75,11 @@ def test_a_masked_score_stays_minus_inf_and_nothing_becomes_nan(name):
 def test_each_expanded_copy_of_a_prompt_gets_that_prompts_encoder_repetition_penalty():
     import torch
 
-    processor = processors()["encoder_repetition_penalty"]
-    prompt_ids = processor.encoder_input_ids.numpy()
+    penalty = processor("encoder_repetition_penalty")
+    prompt_ids = penalty.encoder_input_ids.numpy()
     ids, scores = batch(PROMPTS * COPIES)
     scores[:, [EOS, 5]] = torch.randn(PROMPTS * COPIES, 2, generator=torch.Generator().manual_seed(1))  # finite
-    out = processor(ids, scores.clone()).numpy()
+    out = penalty(ids, scores.clone()).numpy()
     expected = scores.numpy().astype(np.float64)
     for row in range(PROMPTS * COPIES):
         prompt = row // COPIES  # repeat_interleave: the copies of a prompt are adjacent

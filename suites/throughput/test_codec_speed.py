@@ -29,7 +29,7 @@ SECONDS_TOLERANCE = Tolerance(rel=0.10, why="wall clock on shared cores; CI inte
 
 
 @pytest.mark.devices("cpu")
-def test_reference_quantize_speed_relative_to_bnb(device, bnb, benchmark, record_metric):
+def test_reference_quantize_speed_relative_to_bnb(device, bnb, record_metric):
     import torch
 
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
@@ -46,7 +46,10 @@ def test_reference_quantize_speed_relative_to_bnb(device, bnb, benchmark, record
         reference.append(t1 - t0)
         library.append(t2 - t1)
 
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    # A plain loop, not pytest-benchmark: its fixture runs once when xdist is active (scalellm check's
+    # crash isolation), and these paired samples are what the rule compares.
+    for _ in range(ROUNDS):
+        one_round()
     ratios = np.array(library) / np.array(reference)  # > 1: the reference is faster
     assert len(ratios) == ROUNDS and np.all(ratios > 0)
     record_metric("speed_ratio_vs_bnb", float(np.median(ratios)), unit="x", better="higher",
