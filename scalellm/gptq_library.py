@@ -39,9 +39,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-#: GPTQModel sizes its CPU thread pool from this variable; its default, (cores + 1) // 2, gives 1
-#: worker on 2 cores and then fails ("Virtual pool 'model_loader:cpu' requests 2 workers but parent
-#: 'cpu' only has 1"; FINDINGS.md). Set to 2 only when the user has not set it.
+#: GPTQModel sizes its CPU thread pool from this variable; its default, (cores + 1) // 2, gives 1 worker
+#: on 2 cores and then fails ("Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only
+#: has 1"; docs/evidence.md: gptqmodel on CPU). Set to 2 only when the user has not set it.
 CPU_WORKERS_ENV, CPU_WORKERS = "GPTQMODEL_CPU_WORKERS", "2"
 #: The kernel every quantized linear must use (gptqmodel.utils.backend.BACKEND.TORCH).
 KERNEL = "TorchLinear"

@@ -246,7 +246,8 @@ def generation_seconds(llm: Worker, ids: list[int], budget_s: float = float("inf
 
 #: The child of :func:`requantize`: ``llama_cpp_quantize.requantize_file(src, dst, ftype_name)``.
 REQUANTIZE_SCRIPT = "import sys; from scalellm import llama_cpp_quantize as q; q.requantize_file(*sys.argv[1:4])"
-#: A requantization of the real model takes under a second (FINDINGS); this only bounds a hang.
+#: A requantization of the real model takes under a second (docs/evidence.md: llama.cpp requantization);
+#: this only bounds a hang.
 REQUANTIZE_TIMEOUT_S = 600
 
 

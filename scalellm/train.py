@@ -42,7 +42,7 @@ class TrainConfig:
     steps: int = 10  # optimizer steps
     batch_size: int = 2  # sequences per step
     seq_len: int = 64  # tokens per sequence (packed blocks)
-    lr: float = 1e-3  # AdamW learning rate, constant (FINDINGS: 1e-3 moves SmolLM2 in 20 steps)
+    lr: float = 1e-3  # AdamW learning rate, constant (docs/evidence.md: QLoRA step on CPU)
     weight_decay: float = 0.0  # AdamW weight decay on the adapters
     optimizer: str = "adamw"  # "adamw" (torch) or "paged_adamw_8bit" (bnb, CUDA only)
     compute_dtype: str = "float32"  # dtype of activations and 4-bit matmuls: "float32" | "bfloat16"

@@ -31,14 +31,14 @@ DTYPES = ["float32", "float16", "bfloat16"]
 SHAPES = [(1,), (7,), (37, 333), (64, 256)]
 SHAPE_IDS = ["1", "7", "37x333", "64x256"]
 
-ROUND_TRIP_SHAPE = (4096, 4096)  # FINDINGS.md: the figure quoted there is measured on N(0,1) 4096^2
+ROUND_TRIP_SHAPE = (4096, 4096)  # N(0,1) 4096^2, as measured (docs/evidence.md: bnb 4-bit round-trip error)
 ROUND_TRIP_BLOCKSIZE = 64  # QLoRA's default block size
 # Relative round-trip error is sqrt(mean((x - x^)^2)) / sqrt(mean(x^2)) (relative RMSE); it gives
-# FINDINGS.md's NF4 0.0920 and FP4 0.1219-0.1220. The tolerance: the input is seeded, so the
+# bnb's measured NF4 0.0920 and FP4 0.1219-0.1220. The tolerance: the input is seeded, so the
 # figure is deterministic on one stack; 0.2 % covers a changed torch RNG stream (1024^2 vs 4096^2
 # differ by 0.1 %: NF4 0.09206 vs 0.09198, measured here on cpu).
 ROUND_TRIP_TOLERANCE = Tolerance(rel=0.002, why="seeded N(0,1); a new RNG stream moves it <= 0.1 %")
-# QLoRA §3 / FINDINGS: NF4 is the better 4-bit type on normal data (0.092 < 0.122).
+# QLoRA §3 (and the figures above): NF4 is the better 4-bit type on normal data (0.092 < 0.122).
 # On a GPU bnb's kernels may round a tie or an FMA differently than the cpu reference; the
 # resulting error must stay within 0.1 % of the reference's error (an upper bound, not a baseline).
 GPU_ROUND_TRIP_SLACK = 1.001

@@ -5,8 +5,9 @@ and quantizes the centred constants with the signed 8-bit dynamic map in blocks 
 What is *defined* is asserted exactly: the offset is the float32 mean (within one ulp: torch's
 reduction order), the second-level absmax given bnb's offset, the reference's codes are the true
 nearest codes, and decoding given bnb's own state. bnb's native CPU 8-bit kernel is not exact
-round-to-nearest (FINDINGS.md: ~0.16 % of codes go to the farther neighbour), so its codes are
-held to "within two code steps" (one is not true: see MAX_CODE_STEPS) and the disagreement rate is recorded as a metric.
+round-to-nearest (~0.16 % of codes go to the farther neighbour;
+docs/evidence.md: double-quant codes by backend), so its codes are held to "within two code steps" (one is
+not true: see MAX_CODE_STEPS) and the disagreement rate is recorded as a metric.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ DTYPES = ["float32", "float16", "bfloat16"]
 DQ_LENGTHS = (300 * 64 + 37, 1)
 DISAGREEMENT_SHAPE = (2048, 2048)  # 65,536 constants at block 64: ~100 disagreeing codes at 0.16 %
 DISAGREEMENT_BLOCKSIZE = 64
-# The rate is deterministic for a seeded input and one CPU code path; CI machines may take another
-# path (FINDINGS.md), which lands in another device class. abs 0.0005 ~ 3 sigma of a binomial count
-# of ~100 in 65,536.
+# The rate is deterministic for a seeded input and one CPU code path; CI machines may take another path
+# (docs/evidence.md: bnb CPU kernel paths), which lands in another device class. abs 0.0005 ~ 3 sigma of
+# a binomial count of ~100 in 65,536.
 DISAGREEMENT_TOLERANCE = Tolerance(abs=0.0005, why="seeded input; binomial 3 sigma at ~100 of 65,536")
 # bnb's native CPU kernel picks a code 2 steps from the nearest for a few constants centred within
 # ~4e-6 of absmax2 of zero, where the dynamic map's codes are ~1e-6 apart (measured here: of 65,536

@@ -1,8 +1,9 @@
 """GGUF block formats: the numpy reference (``scalellm.quant.gguf``) against gguf-py and llama.cpp's files.
 
-* Quantize: for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 our blocks are byte-identical to gguf-py's numpy
-  quantizer (``gguf.quants.quantize``), which FINDINGS.md found byte-identical to llama.cpp's
-  Q8_0 and Q4_0 files. The one documented exception, signed zeros, is tested on its own.
+* Quantize: for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 our blocks are byte-identical to gguf-py's numpy quantizer
+  (``gguf.quants.quantize``), which is byte-identical to llama.cpp's Q8_0 and Q4_0 files
+  (docs/evidence.md: gguf-py matches llama.cpp's quantizer). The one documented exception, signed zeros,
+  is tested on its own.
 * Dequantize: for all ten formats our floats are bit-identical to ``gguf.quants.dequantize``
   (K-quant blocks come from our reference: gguf-py cannot make them).
 * The real model: SmolLM2's Q4_1 tensors, written by llama.cpp, decode bit-identically, and
@@ -40,10 +41,11 @@ GGML_THRESHOLDS = {t: MAX_QUANTIZATION_TOTAL_ERROR for t in ALL_TYPES} | {
     "Q2_K": MAX_QUANTIZATION_TOTAL_ERROR_2BITS, "Q3_K": MAX_QUANTIZATION_TOTAL_ERROR_3BITS}
 
 ROUND_TRIP_SHAPE = (256, 4096)  # 1 M values of N(0, 1), seed 0
-# Relative round-trip error ||x - x^|| / ||x|| (relative RMSE). FINDINGS.md (gguf-py, N(0,1)):
-# Q8_0 0.0054, Q5_1 0.038, Q5_0 0.043, Q4_1 0.078, Q4_0 0.086; these must agree to 2 %.
-FINDINGS_RELATIVE_ERROR = {"Q8_0": 0.0054, "Q5_1": 0.038, "Q5_0": 0.043, "Q4_1": 0.078, "Q4_0": 0.086}
-FINDINGS_RTOL = 0.02  # FINDINGS rounds to 2 significant digits (0.0054 could be 0.00535..0.00545)
+# Relative round-trip error ||x - x^|| / ||x|| (relative RMSE) of gguf-py on N(0,1) (docs/evidence.md:
+# gguf-py round-trip error): Q8_0 0.0054, Q5_1 0.038, Q5_0 0.043, Q4_1 0.078, Q4_0 0.086; these must
+# agree to 2 %.
+MEASURED_RELATIVE_ERROR = {"Q8_0": 0.0054, "Q5_1": 0.038, "Q5_0": 0.043, "Q4_1": 0.078, "Q4_0": 0.086}
+MEASURED_RTOL = 0.02  # the figures are rounded to 2 significant digits (0.0054 could be 0.00535..0.00545)
 # Seeded input and a deterministic reference: the figure only moves if numpy's PCG64 normal
 # stream or the quantizer changes; 0.2 % as for the 4-bit codecs' round-trip figures.
 ROUND_TRIP_TOLERANCE = Tolerance(rel=0.002, why="seeded N(0,1); deterministic reference")
@@ -244,12 +246,12 @@ def test_ggml_test_data_follows_generate_data():
 def test_normal_round_trip_error(record_metric, qtype):
     error = normal_round_trip_error(qtype)
     record_metric("relative_round_trip_error", error, unit="ratio", better="lower", tolerance=ROUND_TRIP_TOLERANCE)
-    if qtype in FINDINGS_RELATIVE_ERROR:
-        assert error == pytest.approx(FINDINGS_RELATIVE_ERROR[qtype], rel=FINDINGS_RTOL)
+    if qtype in MEASURED_RELATIVE_ERROR:
+        assert error == pytest.approx(MEASURED_RELATIVE_ERROR[qtype], rel=MEASURED_RTOL)
 
 
 def test_normal_round_trip_error_falls_with_bits():
-    """More bits per weight, less error: the order of FINDINGS.md, extended to the K-quants."""
+    """More bits per weight, less error: the order of MEASURED_RELATIVE_ERROR, extended to the K-quants."""
     errors = {t: normal_round_trip_error(t) for t in ALL_TYPES}
     by_error = sorted(ALL_TYPES, key=errors.get)
     # K-quants beat the legacy type of the same bits: Q4_K (4.5) < Q4_0 (4.5), Q5_K (5.5) < Q5_0 (5.5)

@@ -243,6 +243,7 @@ def test_arrays_that_are_not_rows_of_numbers_are_refused(x):
 
 @pytest.mark.parametrize("qtype", types(K_QUANTS))
 def test_legacy_row_length_is_not_enough_for_k_quants(qtype):
-    """A row of 576 (SmolLM2's hidden size: 18 blocks of 32) cannot take a K-quant (FINDINGS.md)."""
+    """A row of 576 (SmolLM2's hidden size: 18 blocks of 32) cannot take a K-quant
+    (docs/evidence.md: K-quants and SmolLM2)."""
     with pytest.raises(ValueError, match="row length 576 is not a multiple of the block size 256"):
         ref.quantize(np.zeros((2, 576), np.float32), qtype)

@@ -270,9 +270,10 @@ def test_transformers_reads_the_f32_file_back_to_the_checkpoint(converted_gguf, 
 FACT_PROMPT = "The capital of France is"  # plain text; the chat prompts go through the chat template
 CHAT_PROMPTS = ("What is the capital of France?", "Give me three tips for a good night's sleep.")
 NEW_TOKENS = 32
-#: One thread: scores are bit-identical across thread counts (FINDINGS), and on a shared 2-core box
-#: llama.cpp's threads spin at their barriers: 32 greedy tokens took 1.9-2.3 s on 1 thread and
-#: 8.8-34.7 s on 2 while another job ran (load average 4).
+#: One thread: scores are bit-identical across thread counts
+#: (docs/evidence.md: llama.cpp scores are deterministic), and on a shared 2-core box llama.cpp's
+#: threads spin at their barriers: 32 greedy tokens took 1.9-2.3 s on 1 thread and 8.8-34.7 s on 2
+#: while another job ran (load average 4; docs/evidence.md: llama.cpp threads under load).
 LLAMA_THREADS = 1
 #: Max |logit difference| between llama.cpp (F32 file, F32 KV cache) and transformers fp32 along the
 #: greedy path. cpu: 5.2e-5, 5.6e-5, 6.8e-5 on the three prompts (N=2 runs, identical), while the

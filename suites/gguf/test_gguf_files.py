@@ -92,7 +92,7 @@ def test_small_gguf_opens_and_its_tensor_decodes(small):
 
 
 def test_real_model_opens(smollm2):
-    assert len(smollm2.tensors) == 272  # FINDINGS.md: 210 Q4_1 + 61 F32 + 1 Q8_0
+    assert len(smollm2.tensors) == 272  # 210 Q4_1 + 61 F32 + 1 Q8_0 (docs/evidence.md: SmolLM2 GGUF tensors)
 
 
 # ---------------------------------------------------------------- missing, empty, short

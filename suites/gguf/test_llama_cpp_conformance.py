@@ -74,7 +74,7 @@ def types(names):
 @pytest.mark.parametrize("qtype", types(ALL_TYPES))
 def test_llama_cpp_picks_the_requested_type_or_its_fallback(llama_cpp_quantized, inputs, qtype):
     """Every quantizable tensor takes the pure file type's type; rows of 576 under a K-quant take the
-    fallback type (FINDINGS: why SmolLM2 mostly falls back under Q4_K_M); the rest stay F32."""
+    fallback type (docs/evidence.md: K-quants and SmolLM2); the rest stay F32."""
     got = {name: t.type_name for name, t in llama_cpp_quantized(qtype).items()}
     want = {name: expected_type(qtype, inputs[name].shape[-1]) for name in QUANTIZED}
     want |= {name: "F32" for name in LEFT_ALONE_SHAPES}

@@ -41,12 +41,14 @@ TYPE_PARAMS = [pytest.param(t, id=t) for t in TYPES] + [pytest.param(t, id=t, ma
 #: model tier: int8 0.018, NF4 0.26). Q5_1 trails Q4_K_M because the weights sit on a Q4_1 grid
 #: (15 steps between min and max) that a 31-step grid over the same range does not contain.
 KLD_CEILING = {"F16": 0.01, "Q8_0": 0.05, "Q5_1": 0.5, "Q4_1": 0.05, "Q4_0": 1.0, "Q4_K_M": 0.5}
-#: Tolerances, as the model tier's (suites/model/test_quality.py) and for the same reasons:
-#: llama.cpp's scores are bit-identical across runs, batch sizes and thread counts (FINDINGS; here:
-#: N=2 runs of this module gave bit-identical figures, 1 and 2 threads identical logits), so run-to-run
-#: spread is 0; what moves a figure within a device class is another kernel path (ggml picks its
-#: CPU dot products, and weight repacks, from the CPU flags: AVX2 / AVX512 / AMX sum in other orders).
-PPL_TOL = Tolerance(rel=0.01, why="0 spread run to run (FINDINGS); 1% covers ggml kernel paths chosen by CPU flags")
+#: Tolerances, as the model tier's (suites/model/test_quality.py) and for the same reasons: llama.cpp's
+#: scores are bit-identical across runs, batch sizes and thread counts
+#: (docs/evidence.md: llama.cpp scores are deterministic; here: N=2 runs of this module gave
+#: bit-identical figures, 1 and 2 threads identical logits), so run-to-run spread is 0; what moves a
+#: figure within a device class is another kernel path (ggml picks its CPU dot products, and weight
+#: repacks, from the CPU flags: AVX2 / AVX512 / AMX sum in other orders).
+PPL_TOL = Tolerance(rel=0.01, why="0 spread run to run (N=2 runs, bit-identical); 1% covers ggml kernel paths "
+                                  "chosen by CPU flags")
 KLD_TOL = Tolerance(rel=0.05, abs=1e-4, why="0 spread run to run; 5% (abs 1e-4 near zero) covers kernel paths; "
                                             "a quantizer or kernel bug moves KLD by tens of percent")
 TOP1_TOL = Tolerance(abs=0.01, why="0 spread run to run; 1 point = ~20 of 2,044 positions flipping on near-ties")

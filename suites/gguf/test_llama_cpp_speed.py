@@ -28,10 +28,11 @@ TYPE_PARAMS = [pytest.param(t, id=t) for t in TYPES] + [pytest.param(t, id=t, ma
                                                          for t in SLOW_TYPES]
 PP_TOKENS, TG_TOKENS = 512, 128  # llama-bench -p 512 -n 128
 SAMPLES = 5  # llama-bench -r 5
-#: One tg128 run may take this long before the test stops with the rate it reached. FINDINGS: tg ~
-#: 115-150 tok/s on these 2 cores (~1 s a run); measured here, n_threads=2 while another job kept
-#: both cores busy: 1.1 tok/s (ggml's thread barriers spin and wait on a descheduled thread), which
-#: would hold the suite for 10 minutes to record a figure about the neighbours.
+#: One tg128 run may take this long before the test stops with the rate it reached. tg ~115-150 tok/s on
+#: these 2 cores (~1 s a run; docs/evidence.md: llama.cpp speed on 2 cores); measured here, n_threads=2
+#: while another job kept both cores busy: 1.1 tok/s (ggml's thread barriers spin and wait on a
+#: descheduled thread), which would hold the suite for 10 minutes to record a figure about the
+#: neighbours.
 TG_BUDGET_S = 30.0
 #: A spent budget is a failure unless other processes hold the cores: a 1-minute load average at least
 #: one runnable thread above this process's own threads (which spin, so they count). There the figure
@@ -48,8 +49,8 @@ NEIGHBOUR_THREADS = 1.0
 #: 79 vs 94. There the figures are recorded and compared with their class baselines only.
 BATCH_BEATS_STEPS = ("cuda", "mps")
 THROUGHPUT_TOL = {
-    "cpu": Tolerance(rel=0.5, why="cpu: 2 shared cores; FINDINGS measured tg 115-150 and pp 330-860 tok/s "
-                                  "between runs under load"),
+    "cpu": Tolerance(rel=0.5, why="cpu: 2 shared cores; tg 115-150 and pp 330-860 tok/s between runs "
+                                  "under load (docs/evidence.md: llama.cpp speed on 2 cores)"),
     "cuda": Tolerance(rel=0.25, why="cuda: N=3 runs on the H100 (2026-11-26), run medians within 13% "
                                     "(Q8_0 pp512 49.3k-55.9k tok/s, tg128 758-801)"),
     "mps": Tolerance(rel=0.3, why="mps: shared unified memory, untested here; wide until measured"),

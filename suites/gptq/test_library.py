@@ -188,7 +188,8 @@ def test_library_rows_and_beats_round_to_nearest(device, library_runs, real_runs
     reference has.
 
     Its figures include bf16 compute (TorchLinear refuses fp32; gptq_library's docstring), which alone
-    costs about 0.001 nats of KLD on this model (FINDINGS: bf16 loading), far below GPTQ's own error.
+    costs about 0.001 nats of KLD on this model (docs/evidence.md: bf16 row of
+    SmolLM2 quality by loading method), far below GPTQ's own error.
     """
     from scalellm import quality
     from suites.helpers.bounds import GPTQ_QUALITY_TOL

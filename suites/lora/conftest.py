@@ -11,8 +11,9 @@ import pytest
 from scalellm import train
 from suites.helpers.packages import need
 
-#: CPU run: tiny batches so the whole suite fits CI's 2-core budget (FINDINGS: 3.6 s per 4x128 step
-#: on CPU; 2x64 is a quarter of that). fp32 compute: bf16 matmuls on CPU are emulated and slower.
+#: CPU run: tiny batches so the whole suite fits CI's 2-core budget (docs/evidence.md: QLoRA step on CPU:
+#: 3.6 s per 4x128 step; 2x64 is a quarter of that). fp32 compute: bf16 matmuls on CPU are emulated and
+#: slower.
 CPU_CONFIG = train.TrainConfig(rank=8, steps=10, batch_size=2, seq_len=64, lr=1e-3, compute_dtype="float32",
                                optimizer="adamw")
 #: CUDA/MPS run: the QLoRA recipe as published (bf16 compute; paged 8-bit AdamW where it exists).

@@ -1,4 +1,4 @@
-"""Seed 000 says "GGUF models can't be fine-tuned". Today's truth, measured (transformers 5.24, peft 0.21):
+"""A common claim: "GGUF models can't be fine-tuned". Today's truth, measured (transformers 5.24, peft 0.21):
 
 - transformers loads a GGUF (``gguf_file=``) by *dequantizing* every tensor: the model is dense float32
   (no 4-bit storage survives), with a ``GgufHfQuantizer`` attached;
@@ -27,7 +27,8 @@ MIN_OVERFIT_DROP = 0.1
 
 @pytest.fixture(scope="module")
 def gguf_model():
-    """(model loaded with gguf_file=, tokenizer): about 15-20 s on 2 cores (FINDINGS)."""
+    """(model loaded with gguf_file=, tokenizer): about 15-20 s on 2 cores
+    (docs/evidence.md: SmolLM2 loads from GGUF)."""
     need("gguf")
     need("peft")
     import torch

@@ -1,6 +1,7 @@
-"""Merge: a QLoRA adapter merged into the *dequantized* base computes base + adapter (seed 000:
-"adapters load with no degradation and merge into a dequantized model"), and the known bnb+peft bug
-of merging into a 4-bit base after an inference forward on AVX512-BF16 CPUs (FINDINGS)."""
+"""Merge: a QLoRA adapter merged into the *dequantized* base computes base + adapter (the claim:
+"adapters load with no degradation and merge into a dequantized model"), and the known bnb+peft bug of
+merging into a 4-bit base after an inference forward on AVX512-BF16 CPUs
+(docs/evidence.md: bnb 4-bit repack breaks a later merge)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from suites.lora.conftest import config_for
 pytestmark = [pytest.mark.lora, pytest.mark.nf4, pytest.mark.reference]
 
 #: Merged vs unmerged on the fp32 dequantized base: (W + s*B@A) x vs W x + s*B@(A x) differ only by
-#: fp32 rounding order (eps 1.2e-7) through 30 layers; FINDINGS measured 9.5e-5 max |dlogit| for a
-#: merge into an fp32 copy; 10x that.
+#: fp32 rounding order (eps 1.2e-7) through 30 layers; a merge into an fp32 copy measured 9.5e-5 max
+#: |dlogit| (docs/evidence.md: bnb 4-bit repack breaks a later merge); 10x that.
 MERGE_ATOL = 1e-3
 #: The 4-bit model (+adapter) vs the dequantized dense base (+adapter): the same weights, so only
 #: the compute path differs (bnb dequantizes to the compute dtype and multiplies). fp32 compute:
@@ -26,8 +27,9 @@ MERGE_ATOL = 1e-3
 PATH_ATOL = {"float32": 1e-3, "bfloat16": 2.0}
 PATH_MIN_TOP1 = {"float32": 1.0, "bfloat16": 0.9}
 #: Top-1 agreement of a merge into the 4-bit base with the dense base + adapter. Merging requantizes
-#: W + s*B@A to NF4: FINDINGS measured 54% top-1 without a prior forward (SmolLM2's weights already
-#: sit on a Q4_1 grid, so requantization moves many); the bug gives 0%. 25% separates the two.
+#: W + s*B@A to NF4: measured 54% top-1 without a prior forward (SmolLM2's weights already sit on a Q4_1
+#: grid, so requantization moves many); the bug gives 0% (docs/evidence.md: bnb 4-bit repack breaks a
+#: later merge). 25% separates the two.
 MIN_4BIT_MERGE_TOP1 = 0.25
 
 
@@ -79,15 +81,17 @@ def test_qlora_model_equals_dequantized_base_plus_adapter(trained, merged_setup,
     assert top1 >= PATH_MIN_TOP1[config_for(device).compute_dtype], f"top-1 agreement {top1:.1%}"
 
 
-# The live bug (FINDINGS, bnb 0.50.2 + peft 0.21): Linear4bit.forward repacks its weight into a
-# CPU-specific layout on the first inference forward when the CPU has AVX512-BF16; peft's merge then
-# dequantizes the repacked bytes as if canonical. Elsewhere (CUDA, CPUs without AVX512-BF16) the merge
-# is only requantization loss. The day bnb or peft fixes it, the strict xfail turns into a failure.
+# The live bug (docs/evidence.md: bnb 4-bit repack breaks a later merge; bnb 0.50.2 + peft 0.21):
+# Linear4bit.forward repacks its weight into a CPU-specific layout on the first inference forward when
+# the CPU has AVX512-BF16; peft's merge then dequantizes the repacked bytes as if canonical. Elsewhere
+# (CUDA, CPUs without AVX512-BF16) the merge is only requantization loss. The day bnb or peft fixes it,
+# the strict xfail turns into a failure.
 _REPACKS = repacks_4bit_on_cpu()
 
 
 _REASON = ("bnb 0.50.2 repacks Linear4bit weights on the first inference forward on AVX512-BF16 CPUs; "
-           "peft merge_and_unload then dequantizes the repacked bytes (FINDINGS)")
+           "peft merge_and_unload then dequantizes the repacked bytes "
+           "(docs/evidence.md: bnb 4-bit repack breaks a later merge)")
 
 
 def test_merge_into_4bit_base_after_inference_forward(merged_setup, device, request):

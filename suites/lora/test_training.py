@@ -116,7 +116,7 @@ TRL_STEPS = 2
 
 
 def test_trl_sft_trainer_runs(checkpoint, device, tmp_path):
-    """trl's SFTTrainer on the QLoRA base (seed 002). trl needs ``datasets`` (pyarrow, pandas): it
+    """trl's SFTTrainer on the QLoRA base. trl needs ``datasets`` (pyarrow, pandas): it
     is not part of the pinned stack, so this skips with the install hint unless it is installed."""
     need("trl")
     datasets = need("datasets")

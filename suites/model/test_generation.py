@@ -22,7 +22,7 @@ DATASET_NEW_TOKENS = 32
 PREFILL_TOKENS = 128
 DECODE_TOKENS = 16
 SAMPLES = 5
-#: The prompt whose greedy answer the FINDINGS record for every method on cpu (" Paris.").
+#: The prompt whose greedy answer is " Paris." (docs/evidence.md: SmolLM2 greedy answer).
 FACT_PROMPT, FACT_ANSWER = "The capital of France is", "Paris"
 #: A decode speed can't beat reading its bytes once per token; the copy bandwidth is measured once
 #: per run, under whatever load the machine has then, so allow it to read 50% low before calling the

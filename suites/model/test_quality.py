@@ -14,18 +14,19 @@ from suites.model import METHOD_PARAMS
 
 pytestmark = [pytest.mark.quality]
 
-#: Sanity ceilings on mean KLD (nats/token) per method, far above the measured values so only a
-#: broken method trips them; the baselines catch drifts. Measured here (cpu, 2,044 scored tokens):
-#: bf16 ~0.002, fp16 ~0.0001, int8 ~0.02, NF4 ~0.3, FP4 ~0.5 (FINDINGS: int8 0.017-0.025, NF4+DQ
-#: 0.25-0.36, FP4+DQ 0.53). fp32 recomputes the reference itself: 0 up to kernel nondeterminism.
+#: Sanity ceilings on mean KLD (nats/token) per method, far above the measured values so only a broken
+#: method trips them; the baselines catch drifts. Measured here (cpu, 2,044 scored tokens): bf16 ~0.002,
+#: fp16 ~0.0001, int8 ~0.02, NF4 ~0.3, FP4 ~0.5 (docs/evidence.md: SmolLM2 quality by loading method:
+#: int8 0.017-0.025, NF4+DQ 0.25-0.36, FP4+DQ 0.53). fp32 recomputes the reference itself: 0 up to kernel
+#: nondeterminism.
 KLD_CEILING = {"fp32": 1e-6, "bf16": 0.02, "fp16": 0.02, "int8": 0.1,
                "nf4": 1.0, "nf4-dq": 1.0, "fp4": 1.5, "fp4-dq": 1.5}
 
 #: Tolerances of the stored figures. On cpu two runs give bit-identical figures (measured: N=2 full
 #: runs of this module, every figure equal), so the run-to-run spread is 0 and the tolerance covers
 #: what legitimately moves across machines of one device class: BLAS/oneDNN summation order and
-#: bnb's CPU kernel choice by CPU flags (FINDINGS: double-quant codes differ by backend in ~0.16% of
-#: blocks). Such differences move fp32 logits by ~1e-5 relative and 4-bit KLDs by a few percent;
+#: bnb's CPU kernel choice by CPU flags (docs/evidence.md: double-quant codes by backend: ~0.16% of
+#: codes differ). Such differences move fp32 logits by ~1e-5 relative and 4-bit KLDs by a few percent;
 #: a real regression (a codec or kernel bug) moves them by tens of percent or more.
 PPL_TOL = Tolerance(rel=0.01, why="cpu: 0 spread over N=2 runs; 1% covers summation-order / bnb kernel-path "
                                   "differences across machines of the device class")

@@ -18,8 +18,9 @@ LOGIT_TOKENS = 64
 
 
 def _fresh(path, method_name, device):
-    """A model loaded for this test alone: never run forward before saving (see FINDINGS: a 4-bit CPU
-    forward may repack weights in place on AVX512-BF16 machines)."""
+    """A model loaded for this test alone: never run forward before saving, because a 4-bit CPU
+    forward may repack weights in place on AVX512-BF16 machines
+    (docs/evidence.md: bnb 4-bit repack breaks a later merge)."""
     return load.load(path, method_name, device, COMPUTE_DTYPE)[0]
 
 

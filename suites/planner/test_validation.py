@@ -14,9 +14,9 @@ to the process, and in one pytest process with the whole cuda tier what earlier 
 (2.5 GiB before GPT-2's prefill on an H200) counted into every peak.
 
 It compares that with the planner's ``torch_allocated`` (the planner's peak less the CUDA context and
-allocator slack, which ``max_memory_allocated`` does not see). Target: within 10% (issue 8); the
-signed relative error of each case is recorded as a figure, so a library upgrade that moves the
-measured peak shows as a changed error.
+allocator slack, which ``max_memory_allocated`` does not see). Target: within 10% (the planner's accuracy
+goal, README: tiers); the signed relative error of each case is recorded as a figure, so a library
+upgrade that moves the measured peak shows as a changed error.
 """
 
 from __future__ import annotations
