@@ -1,9 +1,10 @@
 """Speed of the reference 4-bit quantizer against bitsandbytes' CPU quantize_4bit.
 
-Target (the project's speed goal, README: tiers): the numpy reference quantizes at >= 1.0x bnb's CPU speed. That is a speed goal,
-checked by baselines, not a wall-clock assert: the ratio bnb_time / reference_time is recorded from
-paired samples (each round times the reference then bnb on the same input, so load on the shared
-machine hits both alike) and compared with the stored baseline by the noise-aware rule.
+Target (the project's speed goal, README: tiers): the numpy reference quantizes at >= 1.0x bnb's CPU
+speed. That is a speed goal, checked by baselines, not a wall-clock assert: the ratio
+bnb_time / reference_time is recorded from paired samples (each round times the reference then bnb on
+the same input, so load on the shared machine hits both alike) and compared with the stored baseline
+by the noise-aware rule.
 """
 
 from __future__ import annotations
