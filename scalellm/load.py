@@ -47,8 +47,8 @@ class Method:
         return self.weights in ("int8", "nf4", "fp4")
 
     @property
-    def bnb_marker(self) -> str:
-        """The pytest method marker this method belongs to (fp, int8, nf4, fp4)."""
+    def marker(self) -> str:
+        """The pytest method marker of its tests: the weight format when quantized (int8, nf4, fp4), else fp."""
         return self.weights if self.quantized else "fp"
 
 

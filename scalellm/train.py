@@ -16,7 +16,8 @@ Data: the local instruction set (``scalellm.text.instruction_set``), each exampl
 every token counts). The first ``train_examples`` examples train, the next ``heldout_examples``
 measure held-out loss; they never share a block.
 
-:func:`train` returns losses, step times and the peak memory (``scalellm.memory``).
+:func:`run` (and :func:`qlora`, which loads the base first) returns losses, step times and the peak
+memory (``scalellm.memory``).
 """
 
 from __future__ import annotations

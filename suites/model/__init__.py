@@ -15,7 +15,7 @@ COMPUTE_DTYPE = "float32"
 
 def method_params(names=tuple(METHODS)) -> list:
     """``pytest.param(name, marks=<method marker>, id=name)`` for each loading method in ``names``."""
-    return [pytest.param(n, marks=getattr(pytest.mark, METHODS[n].bnb_marker), id=n) for n in names]
+    return [pytest.param(n, marks=getattr(pytest.mark, METHODS[n].marker), id=n) for n in names]
 
 
 METHOD_PARAMS = method_params()
