@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from scalellm import devices  # noqa: E402
+from scalellm import devices, results  # noqa: E402
 from scalellm.baselines import LEVELS, BaselineError, BaselineStore, Metric, Tolerance  # noqa: E402
 from suites.helpers import crashes, support  # noqa: E402
 from suites.helpers.recorder import MetricRecorder  # noqa: E402
@@ -29,7 +29,7 @@ from suites.helpers.recorder import MetricRecorder  # noqa: E402
 # pytest11 entry point, which makes them work with paths outside the checkout (its docstring says how).
 pytest_plugins = ("pytester", "scalellm_pytest")
 
-DEVICE_MARKERS = devices.DEVICES + ("multigpu",)
+DEVICE_MARKERS = results.DEVICE_MARKERS
 
 # Hypothesis: "dev" for local runs; "ci" (derandomized, no example database) when CI is set;
 # "nightly" for the long job. Deadlines are off: first calls into torch/bnb are slow to warm up.
