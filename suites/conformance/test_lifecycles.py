@@ -32,7 +32,9 @@ from suites.helpers.packages import need
 
 pytestmark = [pytest.mark.reference]
 
-IN_FEATURES, OUT_FEATURES, TOKENS, BLOCKSIZE = 96, 40, 6, 64
+#: Rows of whole blocks (128 = 2 x 64): a row that straddles blocks meets bnb 0.50.2's AVX512 decode bug,
+#: held by test_blockwise_4bit's strict xfail; a lifecycle test must see only what the lifecycle does.
+IN_FEATURES, OUT_FEATURES, TOKENS, BLOCKSIZE = 128, 40, 6, 64
 METHODS = [pytest.param("nf4", marks=pytest.mark.nf4), pytest.param("int8", marks=pytest.mark.int8)]
 UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2
 

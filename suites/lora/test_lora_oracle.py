@@ -30,7 +30,10 @@ from suites.helpers.packages import need
 
 pytestmark = [pytest.mark.lora, pytest.mark.reference]
 
-IN_FEATURES, OUT_FEATURES, RANK, ALPHA, TOKENS = 32, 24, 4, 8, 5
+#: A 4-bit base's rows are whole blocks (64) and its outputs a multiple of 32: on AVX512-BF16 CPUs bnb
+#: 0.50.2 decodes rows that straddle blocks wrongly and cannot repack other output counts for its
+#: inference GEMM (both held by strict xfails in suites/conformance); the oracle checks LoRA, not those.
+IN_FEATURES, OUT_FEATURES, RANK, ALPHA, TOKENS = 64, 32, 4, 8, 5
 BASES = [pytest.param("dense", marks=pytest.mark.fp), pytest.param("int8", marks=pytest.mark.int8),
          pytest.param("nf4", marks=pytest.mark.nf4)]
 #: (mode, lora_dropout): dropout only in eval mode, where it must do nothing.

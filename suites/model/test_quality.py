@@ -34,7 +34,12 @@ KLD_TOL = Tolerance(rel=0.05, abs=1e-4, why="cpu: 0 spread over N=2 runs; 5% (ab
                                             "differences; a codec bug moves KLD by tens of percent")
 TOP1_TOL = Tolerance(abs=0.01, why="cpu: 0 spread over N=2 runs; 1 point = ~20 of 2,044 positions flipping on "
                                    "near-ties under another summation order")
-DLOGIT_TOL = Tolerance(rel=0.05, abs=1e-4, why="cpu: 0 spread over N=2 runs; 5% as for KLD")
+#: p99.9 |Δlogit| is a tail statistic (the ~2,000th largest of 100M differences): another CPU kernel path
+#: moves it more than the means. Measured against the Intel AVX512/AMX baselines on an AMD EPYC with
+#: AVX512-BF16 (no AMX; bnb 0.50.2, torch 2.13, 2026-12-03, N=1): bf16 +5.6%, fp16 +7.4%, int8 +5.2%,
+#: while every KLD and perplexity stayed within its tolerance. 15% is twice the largest.
+DLOGIT_TOL = Tolerance(rel=0.15, abs=1e-4, why="cpu: 0 spread over N=2 runs; across CPU kernel paths moved up to "
+                                              "+7.4% (AMD AVX512-BF16 vs Intel AMX, N=1); twice that")
 
 
 @pytest.mark.parametrize("method_name", METHOD_PARAMS)
