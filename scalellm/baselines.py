@@ -21,10 +21,17 @@ every figure was measured in::
       "schema": "scalellm.baselines/2",
       "applies_to": "cuda", "level": "kind",
       "environments": {"<id>": {<fingerprint>}},
-      "metrics": {"<test key>": {"<metric>": {"value": ..., "unit": ..., "better": ...,
-                                             "tolerance": {...}, "samples": [...],
+      "metrics": {"<test key>": {"<metric>": {"value": ..., "unit": ..., "better": ..., "samples": [...],
                                              "environment": "<id>", "recorded_on": "<device class>"}}}
     }
+
+A figure's tolerance lives in one place, the test that records it (``record_metric(...,
+tolerance=Tolerance(...))``): the comparison uses that one, so the store keeps no copy (a copy
+would only drift from the code). An entry written before that, with a ``"tolerance"`` key, is read
+as if it had none (``scripts/drop_stored_tolerances.py`` removed them from the committed store).
+
+An entry whose test no longer exists is found by :meth:`BaselineStore.orphans` (the recorder
+reports them at the end of a run: ``suites/helpers/recorder.py``).
 
 Files change only through :meth:`BaselineStore.update`, which writes a temporary file beside the
 target and renames it over (atomic on POSIX), under a lock so concurrent writers don't lose figures.
@@ -118,10 +125,11 @@ class Metric:
 
 @dataclass(frozen=True)
 class Baseline:
+    """A stored figure. It has no tolerance: the measured :class:`Metric` brings its test's."""
+
     value: float
     unit: str
     better: str
-    tolerance: Tolerance
     samples: tuple[float, ...] | None
     environment: dict  # the fingerprint it was measured in
     applies_to: str = ""  # the folder it was found in: a device class, a kind or "any"
@@ -135,6 +143,19 @@ class Baseline:
         """'kind cuda, recorded on cuda-nvidia-h100-80gb-hbm3'."""
         where = f"{self.level} {self.applies_to}" if self.level != "any" else "any device"
         return f"{where}, recorded on {self.recorded_on or 'an unnamed machine'}"
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A stored entry whose test no longer exists: its suite module was collected, its test id was not."""
+
+    path: Path  # the baseline file
+    applies_to: str  # its folder: a device class, a kind or "any"
+    key: str  # the entry's test key (:func:`test_key`)
+    metrics: tuple[str, ...]  # the figures stored under it
+
+    def to_json(self) -> dict:
+        return {"file": str(self.path), "applies_to": self.applies_to, "test": self.key, "metrics": list(self.metrics)}
 
 
 @dataclass(frozen=True)
@@ -348,12 +369,25 @@ class BaselineStore:
                 samples = record.get("samples")
                 return Baseline(
                     value=float(record["value"]), unit=record["unit"], better=record["better"],
-                    tolerance=Tolerance(**record.get("tolerance", {})),
                     samples=tuple(samples) if samples else None,
                     environment=data["environments"][record["environment"]],
                     applies_to=applies, recorded_on=record["recorded_on"],
                 )
         return None
+
+    def orphans(self, collected: dict[str, set[str]]) -> list[Orphan]:
+        """The stored entries, in every folder, of the suite modules in ``collected`` ({file stem
+        (:func:`file_stem`): the keys (:func:`test_key`) of every test collected from that module})
+        whose key is none of those tests'. Files of modules not in ``collected`` are not looked at."""
+        found = []
+        for path in sorted(self.root.glob("*/*.json")) if self.root.is_dir() else []:
+            keys = collected.get(path.stem)
+            if keys is None:
+                continue
+            data = self._read(path, path.parent.name)
+            found += [Orphan(path, path.parent.name, key, tuple(sorted(by_name)))
+                      for key, by_name in sorted(data["metrics"].items()) if key not in keys]
+        return found
 
     def update(self, device_class: str, metrics: list[Metric], env: dict) -> list[Path]:
         """Store ``metrics`` (measured in ``env`` on ``device_class``), each in the folder its scope
@@ -372,6 +406,7 @@ class BaselineStore:
                 for metric in group:
                     record = _record(metric, env_id, device_class)
                     data["metrics"].setdefault(test_key(metric.test_id, device), {})[metric.name] = record
+                drop_stored_tolerances(data)  # an older entry's copy goes whenever its file is written
                 _drop_unused_environments(data)
                 write_atomic(path, _dump(data))
             self._cache.pop(path, None)
@@ -379,12 +414,25 @@ class BaselineStore:
 
 
 def _record(metric: Metric, env_id: str, recorded_on: str) -> dict:
+    """A stored entry; the metric's tolerance stays with its test (the module docstring says why)."""
     return {
         "value": metric.value, "unit": metric.unit, "better": metric.better,
-        "tolerance": asdict(metric.tolerance),
         "samples": list(metric.samples) if metric.samples is not None else None,
         "environment": env_id, "recorded_on": recorded_on,
     }
+
+
+def drop_stored_tolerances(data: dict) -> list[tuple[str, str]]:
+    """Remove the ``"tolerance"`` key of every entry of a baseline file's ``data`` (written before the
+    store stopped keeping one; the module docstring says why); returns the (test key, metric) of each
+    entry that had one. Nothing else of an entry changes."""
+    dropped = []
+    for key, by_name in data["metrics"].items():
+        for name, record in by_name.items():
+            if "tolerance" in record:
+                del record["tolerance"]
+                dropped.append((key, name))
+    return dropped
 
 
 def _drop_unused_environments(data: dict) -> None:

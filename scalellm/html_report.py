@@ -10,6 +10,7 @@ order of their finishing times, the page shows
   (:mod:`scalellm.stats`: 95% bootstrap interval of the median ratio, regression only when the whole
   interval is beyond the tolerance) between the latest run and the one before it;
 - trend lines of each figure over the runs given (matplotlib PNGs embedded as base64 data URIs);
+- the stored baseline entries whose test no longer exists (orphaned), as the latest run found them;
 - the cross-method quality table (:mod:`scalellm.tables`, when present) and the planner's fit table.
 
 No file outside the page is referenced: styles are inline, images are ``data:`` URIs.
@@ -60,7 +61,7 @@ def rule_verdict(current: dict, previous: dict | None) -> str:
     if len(current["samples"]) < 2 or len(previous["samples"]) < 2:
         return ""
     interval = stats.median_ratio_interval(current["samples"], previous["samples"])
-    tol = (current.get("tolerance") or {}).get("rel", 0.0)
+    tol = (current.get("tolerance") or {}).get("rel", 0.0)  # the test's own (the store keeps no copy)
     flagged = stats.regressed(interval, current["better"], tol)
     return (f"{'REGRESSED' if flagged else 'no regression'}: median ratio {interval.ratio:.3f}, "
             f"{stats.CONFIDENCE:.0%} CI [{interval.low:.3f}, {interval.high:.3f}], tolerance {tol:.1%}")
@@ -162,7 +163,8 @@ Latest: tests {% for k, n in counts.items() %}{{ n }} {{ k }}{% if not loop.last
 
 <h2 id="status">Status against baselines</h2>
 <p class="glance">{% for k, n in status_counts.items() %}<span class="{{ k }}">{{ n }} {{ k|upper }}</span> {% endfor %}
-{% if flagged %}<span class="fail">{{ flagged }} run-over-run regression(s)</span>{% endif %}</p>
+{% if flagged %}<span class="fail">{{ flagged }} run-over-run regression(s)</span>{% endif %}
+{% if orphaned %}<span class="new">{{ orphaned|length }} orphaned baseline(s): see below</span>{% endif %}</p>
 <p id="levels">{{ level_line }}{% if record_hint %}<br>{{ record_hint }}{% endif %}</p>
 <p>Regression rule for repeated samples: {{ rule }}</p>
 {% macro status_table(rows, id) %}
@@ -184,6 +186,12 @@ Latest: tests {% for k, n in counts.items() %}{{ n }} {{ k }}{% if not loop.last
 {% if passing %}<details{% if not attention %} open{% endif %}><summary>{{ passing|length }} figure(s) within their tolerance</summary>
 {{ status_table(passing, "passing-table" if attention else "status-table") }}</details>{% endif %}
 {% if not attention and not passing %}<p>No figures recorded.</p>{% endif %}
+{% if orphaned %}
+<h3 id="orphaned" class="new">Orphaned baselines: {{ orphaned|length }}</h3>
+<p><b>{{ orphan_warning }}</b></p>
+<table id="orphan-table"><tr>{% for h in orphan_header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in orphaned %}<tr class="new">{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% endif %}
 
 <h2 id="trends">Trends over the runs</h2>
 <div class="trends">
@@ -244,7 +252,9 @@ def render(entries: list[RunEntry], *, fit_models=None, include_fit: bool = True
         level_line=report.figure_counts_line(latest.metrics), record_hint=report.record_hint(latest.metrics),
         plots=trend_plots(entries), quality=quality_table(latest.metrics), rule=rule,
         fit=fit_rows(fit_models) if include_fit else [], cards=[f"{g} GiB" for g in planner.CARDS_GIB],
-        env=latest.environment, fmt=_fmt)
+        env=latest.environment, fmt=_fmt, orphaned=report.orphan_rows(latest.orphaned),
+        orphan_warning=(report.orphan_lines(latest.orphaned) or [""])[0].removesuffix(":"),
+        orphan_header=report.ORPHAN_HEADER)
 
 
 def write(directories, output: Path | None = None, **kwargs) -> Path:

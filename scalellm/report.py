@@ -64,11 +64,30 @@ def record_hint(metrics: list[dict]) -> str:
             "machine's class figures).")
 
 
+def orphan_lines(orphans: list[dict]) -> list[str]:
+    """The warning about stored entries whose test no longer exists (``Run.orphaned``), one line per
+    entry after a headline; [] when there are none."""
+    if not orphans:
+        return []
+    what = "1 stored baseline entry names a test that no longer exists" if len(orphans) == 1 else \
+        f"{len(orphans)} stored baseline entries name tests that no longer exist"
+    head = (f"WARNING: {what}: the test module was collected in this run, the test id was not (whatever -m/-k "
+            "selected), so nothing checks these figures. Rename each entry to its test's new id, or delete it:")
+    return [head] + [f"  {o['file']}: {o['test']} ({', '.join(o['metrics'])})" for o in orphans]
+
+
 def metric_rows(run: Run) -> list[list[str]]:
     rank = {s: i for i, s in enumerate(STATUS_ORDER)}
     ordered = sorted(run.metrics, key=lambda m: (rank.get(m["status"], 9), m["test_id"], m["name"]))
     return [[m["status"].upper(), m["device_class"], m["test_id"].split("::", 1)[-1], m["name"],
              _fmt(m["value"]), _fmt(m["baseline"]), baseline_source(m), m["unit"], m["better"]] for m in ordered]
+
+
+ORPHAN_HEADER = ["baseline file", "test (stored key)", "figures"]
+
+
+def orphan_rows(orphans: list[dict]) -> list[list[str]]:
+    return [[o["file"], o["test"], ", ".join(o["metrics"])] for o in orphans]
 
 
 METRIC_HEADER = ["status", "device class", "test", "metric", "measured", "baseline", "baseline from", "unit", "better"]
@@ -109,6 +128,9 @@ def summary_markdown(run: Run) -> str:
     parts += [markdown_table(METRIC_HEADER, metric_rows(run)) if run.metrics else "No figures recorded.", ""]
     if run.updated:
         parts += ["## Baselines written", ""] + [f"- `{p}`" for p in run.updated] + [""]
+    if run.orphaned:
+        parts += ["## Orphaned baselines", "", f"**{orphan_lines(run.orphaned)[0]}**", "",
+                  markdown_table(ORPHAN_HEADER, orphan_rows(run.orphaned)), ""]
     unsupported = Counter(t["reason"] for t in run.tests if t["outcome"] == "unsupported")
     if unsupported:
         parts += ["## Unsupported", "", "Failures of tests that used a library release older than its first kernels for the "
@@ -135,5 +157,6 @@ def terminal_summary(run: Run) -> str:
     header, rows = cross_method_table(run.metrics)
     quality = f"\n\ncross-method quality (real model)\n{text_table(header, rows)}" if rows else ""
     hint = record_hint(run.metrics)
+    orphans = "\n\n" + "\n".join(orphan_lines(run.orphaned)) if run.orphaned else ""
     return f"{table}{quality}\n\n{figure_counts_line(run.metrics)}" + (f"\n{hint}" if hint else "") + \
-        f"\ntests: {counts}"
+        f"{orphans}\ntests: {counts}"

@@ -24,6 +24,9 @@ class Run:
     metrics: list[dict]  # Metric fields + device, device_class, status, message, baseline
     environment: dict
     updated: list[str] = field(default_factory=list)  # baseline files this run wrote
+    # stored entries whose test no longer exists (its module was collected, its test id was not):
+    # {file, applies_to, test (the entry's key), metrics}; scalellm.baselines.BaselineStore.orphans
+    orphaned: list[dict] = field(default_factory=list)
     interrupted: bool = False
     finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 

@@ -4,9 +4,11 @@ Schema 1 filed every figure under the device class that measured it (``cpu-x86_6
 ``cuda-nvidia-h100-80gb-hbm3/``), so a figure was only ever compared on that class. Schema 2 files
 each figure where its scope says it applies (``scalellm.baselines``; the scopes are chosen by
 ``suites/helpers/scopes.py``): ``any/``, a kind (``cpu/``, ``cuda/``) or a class. This script moves
-every record there unchanged (value, unit, direction, tolerance, samples, environment), adds the
-class that measured it (``recorded_on``) and strips the device from its key. No value is computed
-or typed: it only moves records.
+every record there unchanged (value, unit, direction, samples, environment), adds the class that
+measured it (``recorded_on``) and strips the device from its key. No value is computed or typed: it
+only moves records. A schema-1 record's stored tolerance is used only to check the agreement below,
+then left out: schema 2 keeps no copy of a figure's tolerance, which lives in its test
+(``scalellm.baselines``; ``scripts/drop_stored_tolerances.py`` removed them from the committed store).
 
 - A schema-1 cpu class (``cpu-x86_64``) named no CPU; the new class is derived from each record's
   environment (CPU model and flags) and ``--cpu-cores`` (schema 1 did not record cores).
@@ -101,6 +103,7 @@ def write(store: Path, staging: Path, layout: dict) -> list[Path]:
                 env_id = baselines.environment.fingerprint_id(env)
                 data["environments"][env_id] = env
                 data["metrics"].setdefault(key, {})[name] = {**record, "environment": env_id, "recorded_on": cls}
+        baselines.drop_stored_tolerances(data)
         baselines._drop_unused_environments(data)
         path.parent.mkdir(parents=True, exist_ok=True)
         baselines.write_atomic(path, baselines._dump(data))

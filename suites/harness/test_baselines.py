@@ -21,7 +21,7 @@ def metric(value, better="lower", tol=Tolerance(rel=0.05, why="demo"), samples=N
 
 
 def base(value, better="lower", samples=None, env=ENV, unit="1"):
-    return Baseline(value, unit, better, Tolerance(rel=0.05), samples, env)
+    return Baseline(value, unit, better, samples, env)
 
 
 # ---- comparison

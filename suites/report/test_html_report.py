@@ -120,3 +120,15 @@ def test_cli_report_writes_the_page(runs, tmp_path, capsys):
 def test_cli_report_on_a_folder_without_results_is_exit_code_2(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "cannot be read as results" in capsys.readouterr().err
+
+
+def test_orphaned_baselines_are_counted_at_the_top_and_listed(tmp_path):
+    orphan = {"file": "baselines/any/gptq.test_reference.json", "applies_to": "any", "test": "test_old[nf4]",
+              "metrics": ["error", "speed"]}
+    results.write(tmp_path, results.Run(tests=[], metrics=[], environment=BASE_ENV, orphaned=[orphan],
+                                        finished="2026-12-04T03:00:00+0000"))
+    page = html_report.render(html_report.load_runs([tmp_path]), include_fit=False)
+    assert '<span class="new">1 orphaned baseline(s): see below</span>' in page
+    table = re.search(r'<table id="orphan-table">.*?</table>', page, flags=re.S).group(0)
+    assert "<td>baselines/any/gptq.test_reference.json</td><td>test_old[nf4]</td><td>error, speed</td>" in table
+    assert "WARNING: 1 stored baseline entry names a test that no longer exists" in page
