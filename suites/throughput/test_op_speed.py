@@ -46,7 +46,8 @@ BLOCKS, ROUNDS_PER_BLOCK = 20, 8
 #: 20% each, above that spread.
 RATIO_TOLERANCE = {
     "dequantize_4bit-nf4": Tolerance(rel=0.06, why="N=11 runs quiet/busy/loaded: ratio 0.997-1.056, interval "
-                                                  "lows <= 0.978; a planted 20% slower dequantize: ratio 1.107-1.179, N=6"),
+                                                  "lows <= 0.978; a planted 20% slower dequantize: ratio "
+                                                  "1.107-1.179, N=6"),
     "gemv_4bit-nf4": Tolerance(rel=0.20, why="N=11 runs quiet/busy/loaded: ratio 0.909-1.124, interval lows <= 1.063"),
     "int8_linear_matmul": Tolerance(rel=0.20, why="N=11 runs quiet/busy/loaded: ratio 0.890-1.136, interval lows "
                                                  "<= 1.070"),
