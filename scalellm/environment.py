@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -81,6 +82,19 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+@contextmanager
+def one_torch_thread():
+    """torch's intra-op work on one CPU thread inside the block (the thread count restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def git_commit(repo: Path | None = None) -> str | None:

@@ -52,6 +52,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from scalellm.environment import one_torch_thread
 from scalellm.quant.rtn import GridParams, check_bits, find_params, quantize, rtn_quantize_linear
 
 BLOCK_SIZE = 128  # B, the lazy-batch block (§4 step 2: "B = 128 columns")
@@ -97,12 +98,8 @@ def _few_threads(device: torch.device):
     if device.type != "cpu":
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,13 @@ Ops (bnb 0.50 ``bitsandbytes.functional``): ``dequantize_4bit`` of a 4096x4096 N
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
 import pytest
 
 from scalellm.baselines import Tolerance
+from scalellm.environment import one_torch_thread
 
 pytestmark = [pytest.mark.throughput]
 
@@ -54,23 +54,11 @@ RATIO_TOLERANCE = {
 }
 
 
-@contextlib.contextmanager
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def block_ratios(op, control, blocks: int = BLOCKS, rounds: int = ROUNDS_PER_BLOCK) -> np.ndarray:
     """Per block of ``rounds``: min time(op) / min time(control), the two in alternating order, on one
     thread, after one warm-up of each."""
     ratios = []
-    with one_thread():
+    with one_torch_thread():
         op(), control()
         for _ in range(blocks):
             t_op, t_control = [], []
