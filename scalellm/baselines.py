@@ -413,6 +413,26 @@ class BaselineStore:
         return sorted(path for path, _ in by_path)
 
 
+    def forget(self, orphans: list[Orphan]) -> list[Path]:
+        """Remove the ``orphans`` (:meth:`orphans`) from their files; returns the files written. A file
+        left with no entry is removed; no other entry changes."""
+        by_path: dict[tuple[Path, str], set[str]] = {}
+        for orphan in orphans:
+            by_path.setdefault((orphan.path, orphan.applies_to), set()).add(orphan.key)
+        for (path, applies), keys in sorted(by_path.items()):
+            with _locked(path):
+                data = read_file(path, applies)
+                for key in keys:
+                    data["metrics"].pop(key, None)
+                _drop_unused_environments(data)
+                if data["metrics"]:
+                    write_atomic(path, _dump(data))
+                else:
+                    path.unlink()
+            self._cache.pop(path, None)
+        return sorted(path for path, _ in by_path)
+
+
 def _record(metric: Metric, env_id: str, recorded_on: str) -> dict:
     """A stored entry; the metric's tolerance stays with its test (the module docstring says why)."""
     return {

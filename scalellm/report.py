@@ -72,7 +72,8 @@ def orphan_lines(orphans: list[dict]) -> list[str]:
     what = "1 stored baseline entry names a test that no longer exists" if len(orphans) == 1 else \
         f"{len(orphans)} stored baseline entries name tests that no longer exist"
     head = (f"WARNING: {what}: the test module was collected in this run, the test id was not (whatever -m/-k "
-            "selected), so nothing checks these figures. Rename each entry to its test's new id, or delete it:")
+            "selected), so nothing checks these figures. A passing run with --update-baselines removes them (and "
+            "records a renamed test under its new id):")
     return [head] + [f"  {o['file']}: {o['test']} ({', '.join(o['metrics'])})" for o in orphans]
 
 

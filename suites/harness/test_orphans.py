@@ -36,7 +36,7 @@ def test_device_free():
 
 #: The section's lines for the two orphans of ``demo_suite`` (files relative to the rootdir).
 ORPHAN_LINES = ["*= scalellm orphaned baselines =*",
-                "WARNING: 2 stored baseline entries name tests that no longer exist: *Rename each entry*",
+                "WARNING: 2 stored baseline entries name tests that no longer exist: *--update-baselines removes them*",
                 "  store/any/test_demo.json: test_removed[nf4] (error)",
                 "  store/cpu-elsewhere/test_demo.json: test_renamed (error, speed)"]
 
@@ -116,3 +116,30 @@ def test_a_store_without_orphans_says_nothing(suite):
     result = suite.run("-m", "cpu")
     result.assert_outcomes(passed=3, deselected=5)
     result.stdout.no_fnmatch_line("*orphaned*")
+
+
+def test_a_passing_update_run_removes_the_orphans_and_nothing_else(suite):
+    demo_suite(suite)
+    before = suite.baseline_files()
+    result = suite.run("-m", "cpu", "--update-baselines")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["baseline removed (its test no longer exists): store/any/test_demo.json: "
+                                 "test_removed[nf4] (error)"])
+    after = suite.baseline_files()
+    assert "cpu-elsewhere/test_demo.json" not in after  # its only entry was an orphan: the file goes
+    assert set(after["any/test_demo.json"]["metrics"]) == set(before["any/test_demo.json"]["metrics"]) - {
+        "test_removed[nf4]"}
+    assert after["cuda/test_demo.json"] == before["cuda/test_demo.json"]  # deselected by -m cpu, not orphaned
+    assert after["any/test_other.json"] == before["any/test_other.json"]  # its module was not collected
+    result = suite.run("-m", "cpu")
+    result.stdout.no_fnmatch_line("*scalellm orphaned baselines*")
+
+
+def test_a_failing_update_run_removes_no_orphan(suite):
+    demo_suite(suite)
+    suite.write("test_fails.py", "def test_fails():\n    assert False\n")
+    before = suite.baseline_files()
+    result = suite.run("-m", "cpu", "--update-baselines")
+    assert result.ret == 1
+    assert suite.baseline_files()["cpu-elsewhere/test_demo.json"] == before["cpu-elsewhere/test_demo.json"]
+    result.stdout.fnmatch_lines(ORPHAN_LINES[:2])

@@ -50,6 +50,7 @@ class MetricRecorder:
         self._broken: set[str] = set()  # file stems of modules with a collection error
         self.collected: dict[str, set[str]] | None = None  # {file stem: test keys}, once collection finished
         self.orphans: list[dict] = []  # Orphan.to_json() of each, the file relative to the rootdir
+        self.forgotten: list[dict] = []  # orphans removed by --update-baselines on a passing run
 
     # ---- inside the test process
 
@@ -143,7 +144,13 @@ class MetricRecorder:
         if self.update:
             self.written = [] if interrupted else self._store_passing()
         if self.collected is not None:
-            self.orphans = [_shown(orphan, session.config.rootpath) for orphan in self.store.orphans(self.collected)]
+            found = self.store.orphans(self.collected)
+            if self.update and not interrupted and exitstatus == pytest.ExitCode.OK and found:
+                # --update-baselines on a passing run: the entries of tests that no longer exist go
+                self.written = sorted(set(self.written) | set(self.store.forget(found)))
+                self.forgotten = [_shown(orphan, session.config.rootpath) for orphan in found]
+                found = self.store.orphans(self.collected)
+            self.orphans = [_shown(orphan, session.config.rootpath) for orphan in found]
         if self.report_dir is not None:
             run = results.Run(tests=list(self.tests.values()), metrics=self.metrics,
                               environment=environment.fingerprint(), updated=[str(p) for p in self.written],
@@ -185,6 +192,9 @@ class MetricRecorder:
         if hint:
             tr.write_line(hint)
         if self.update:
+            for orphan in self.forgotten:
+                tr.write_line(f"baseline removed (its test no longer exists): {orphan['file']}: {orphan['test']} "
+                              f"({', '.join(orphan['metrics'])})")
             if self.written:
                 tr.write_line(f"baselines updated: {len(self.written)} file(s) under {self.store.root}")
             else:
