@@ -90,6 +90,7 @@ RULES = (
     Rule("planner.test_validation", "*", "kind", "allocator peaks: the H200 matched the H100 within 2 points"),
     Rule("report.test_roofline", "*", "class", SPEED),
     Rule("throughput.test_codec_speed", "*", "class", SPEED),
+    Rule("throughput.test_op_speed", "*", "class", SPEED),
 )
 
 DEFAULT = Rule("*", "*", "class", "no rule names this figure: compared only on the hardware that recorded it")
