@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from suites.conformance.bnb_codec import BnbCodec, load
+from suites.helpers.bnb_codec import BnbCodec, load
 from suites.helpers.isolation import Worker
 from suites.helpers.packages import need
 

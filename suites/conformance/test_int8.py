@@ -22,7 +22,7 @@ from scalellm.quant.int8 import (
     vectorwise_dequantize,
     vectorwise_quantize,
 )
-from suites.conformance.bnb_codec import load
+from suites.helpers.bnb_codec import load
 from suites.helpers import assertions as ah
 from suites.helpers.bounds import MATMUL_MAX_REL_DIFF
 from suites.helpers.packages import need

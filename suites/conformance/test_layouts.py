@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from scalellm.quant import codebook, dequantize_4bit, quantize_4bit
 from scalellm.quant.double_quant import quantize_blockwise
 from scalellm.quant.int8 import OUTLIER_THRESHOLD, mixed_precision_matmul, vectorwise_quantize
-from suites.conformance.bnb_codec import BnbResult
+from suites.helpers.bnb_codec import BnbResult
 from suites.helpers import assertions as ah
 from suites.helpers.bounds import MATMUL_MAX_REL_DIFF
 from suites.helpers.bnb_paths import (dequantize_4bit_takes_avx512, dequantize_4bit_takes_native_kernel,

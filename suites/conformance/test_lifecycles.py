@@ -26,7 +26,7 @@ import pytest
 
 from scalellm.quant import dequantize_4bit, quantize_4bit
 from scalellm.quant.int8 import INV_127, vectorwise_quantize
-from suites.conformance.bnb_codec import BnbResult
+from suites.helpers.bnb_codec import BnbResult
 from suites.helpers import assertions as ah
 from suites.helpers.packages import need
 

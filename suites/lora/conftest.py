@@ -9,20 +9,8 @@ from __future__ import annotations
 import pytest
 
 from scalellm import train
+from suites.helpers.lora_runs import config_for
 from suites.helpers.packages import need
-
-#: CPU run: tiny batches so the whole suite fits CI's 2-core budget (docs/evidence.md: QLoRA step on CPU:
-#: 3.6 s per 4x128 step; 2x64 is a quarter of that). fp32 compute: bf16 matmuls on CPU are emulated and
-#: slower.
-CPU_CONFIG = train.TrainConfig(rank=8, steps=10, batch_size=2, seq_len=64, lr=1e-3, compute_dtype="float32",
-                               optimizer="adamw")
-#: CUDA/MPS run: the QLoRA recipe as published (bf16 compute; paged 8-bit AdamW where it exists).
-GPU_CONFIG = train.TrainConfig(rank=8, steps=10, batch_size=2, seq_len=64, lr=1e-3, compute_dtype="bfloat16",
-                               optimizer="paged_adamw_8bit")
-
-
-def config_for(device: str) -> train.TrainConfig:
-    return CPU_CONFIG if device == "cpu" else GPU_CONFIG
 
 
 @pytest.fixture(scope="session")
@@ -47,18 +35,3 @@ def trained(checkpoint, _runs, device):
     if device not in _runs:
         _runs[device] = train.qlora(checkpoint, config_for(device), device)
     return _runs[device]
-
-
-#: "Overfit one batch" checks: one held-out block of 32 tokens, repeated; lr 1e-3 as the runs above.
-OVERFIT_CONFIG = train.TrainConfig(steps=4, batch_size=1, seq_len=32)
-
-
-def overfit_losses(peft_model, tokenizer, device: str, config: train.TrainConfig = OVERFIT_CONFIG) -> list[float]:
-    """Losses of ``config.steps`` steps on one fixed batch: the cheapest proof that gradients reach
-    the adapters through a base (the loss of a repeated batch must fall)."""
-    import itertools
-
-    batch = train.split_data(tokenizer, config)[1][:1]  # (1, seq_len)
-    optimizer, _ = train.make_optimizer([p for p in peft_model.parameters() if p.requires_grad], config, device)
-    losses, _ = train.train_steps(peft_model, optimizer, itertools.repeat(batch, config.steps), device)
-    return losses

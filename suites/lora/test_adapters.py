@@ -11,7 +11,7 @@ from scalellm.baselines import Tolerance
 from suites.helpers import imports
 from suites.helpers.isolation import Worker
 from suites.helpers.packages import need
-from suites.lora.conftest import config_for
+from suites.helpers.lora_runs import config_for
 
 pytestmark = [pytest.mark.lora, pytest.mark.nf4, pytest.mark.reference]
 

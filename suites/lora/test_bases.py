@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from scalellm import train
-from suites.lora.conftest import OVERFIT_CONFIG, overfit_losses
+from suites.helpers.lora_runs import OVERFIT_CONFIG, overfit_losses
 
 pytestmark = [pytest.mark.lora, pytest.mark.reference]
 

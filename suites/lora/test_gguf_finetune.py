@@ -16,7 +16,7 @@ import pytest
 
 from scalellm import train
 from suites.helpers.packages import need
-from suites.lora.conftest import OVERFIT_CONFIG, overfit_losses
+from suites.helpers.lora_runs import OVERFIT_CONFIG, overfit_losses
 
 pytestmark = [pytest.mark.lora, pytest.mark.gguf]
 

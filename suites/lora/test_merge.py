@@ -11,7 +11,7 @@ from scalellm import lora_math, train
 from scalellm.baselines import Tolerance
 from scalellm.load import load
 from suites.helpers.bnb_paths import repacks_4bit_on_cpu
-from suites.lora.conftest import config_for
+from suites.helpers.lora_runs import config_for
 
 pytestmark = [pytest.mark.lora, pytest.mark.nf4, pytest.mark.reference]
 

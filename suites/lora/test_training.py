@@ -14,7 +14,7 @@ from scalellm import train
 from scalellm.baselines import Tolerance
 from suites.helpers.packages import need
 from suites.helpers.bnb_paths import repacks_4bit_on_cpu
-from suites.lora.conftest import config_for
+from suites.helpers.lora_runs import config_for
 
 pytestmark = [pytest.mark.lora, pytest.mark.nf4, pytest.mark.quality]
 

@@ -7,7 +7,7 @@ import pytest
 
 from scalellm import load, quality, text
 from suites.helpers.packages import need
-from suites.model import COMPUTE_DTYPE
+from suites.helpers.methods import COMPUTE_DTYPE
 
 #: Evaluation budget: 2,048 tokens = four windows of 512 (scalellm.text.EVAL_TOKENS), the budget and
 #: window of the orientation figures (docs/evidence.md: SmolLM2 quality by loading method).

@@ -6,7 +6,7 @@ import pytest
 
 from scalellm import quality
 from scalellm.baselines import Tolerance
-from suites.model import method_params
+from suites.helpers.methods import method_params
 
 pytestmark = [pytest.mark.quality]
 

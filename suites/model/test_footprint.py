@@ -8,7 +8,7 @@ import pytest
 from scalellm import footprint, load, tables
 from scalellm.baselines import Tolerance
 from suites.helpers.packages import need
-from suites.model import COMPUTE_DTYPE, METHOD_PARAMS, method_params
+from suites.helpers.methods import COMPUTE_DTYPE, METHOD_PARAMS, method_params
 
 pytestmark = [pytest.mark.memory]
 

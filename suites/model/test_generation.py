@@ -8,7 +8,7 @@ import pytest
 from scalellm import generate, load, planner, roofline, tables, text
 from scalellm.baselines import Tolerance
 from suites.helpers.bounds import GENERATION_THROUGHPUT_TOL
-from suites.model import METHOD_PARAMS, method_params
+from suites.helpers.methods import METHOD_PARAMS, method_params
 
 pytestmark = []  # kind markers per test: quality (behaviour) or throughput (speed)
 

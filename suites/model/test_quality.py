@@ -10,7 +10,7 @@ import pytest
 from scalellm import quality
 from scalellm.baselines import Tolerance
 from suites.helpers.quality_rows import record_quality_rows
-from suites.model import METHOD_PARAMS
+from suites.helpers.methods import METHOD_PARAMS
 
 pytestmark = [pytest.mark.quality]
 

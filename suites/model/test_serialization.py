@@ -7,7 +7,7 @@ import pytest
 
 from scalellm import load
 from suites.helpers.packages import need
-from suites.model import COMPUTE_DTYPE, method_params
+from suites.helpers.methods import COMPUTE_DTYPE, method_params
 
 pytestmark = [pytest.mark.quality]
 

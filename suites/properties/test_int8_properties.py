@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from scalellm.quant.int8 import OUTLIER_THRESHOLD, vectorwise_dequantize, vectorwise_quantize
-from suites.conformance.bnb_codec import load
+from suites.helpers.bnb_codec import load
 from suites.helpers import assertions as ah
 from suites.helpers.packages import need
 
