@@ -21,7 +21,7 @@ import pytest
 
 from scalellm.baselines import Tolerance
 from scalellm.quant import gguf as ref
-from suites.gguf.conftest import ALL_TYPES, EMBEDDING, FFN_DOWN, LEGACY, REAL_TENSORS, normal_rows, \
+from suites.helpers.gguf_cases import ALL_TYPES, EMBEDDING, FFN_DOWN, LEGACY, REAL_TENSORS, normal_rows, \
     weight_like_rows
 from suites.helpers import assertions as ah
 

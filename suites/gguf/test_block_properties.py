@@ -18,7 +18,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from scalellm.quant import gguf as ref
-from suites.gguf.conftest import ALL_TYPES, K_QUANTS, LEGACY
+from suites.helpers.gguf_cases import ALL_TYPES, K_QUANTS, LEGACY
 from suites.helpers import assertions as ah
 
 pytestmark = [pytest.mark.gguf, pytest.mark.reference]

@@ -23,7 +23,7 @@ import pytest
 
 from scalellm import llama_cpp_quantize as lq
 from scalellm.quant import gguf as ref
-from suites.gguf.conftest import ALL_TYPES, K_QUANTS, normal_rows, weight_like_rows
+from suites.helpers.gguf_cases import ALL_TYPES, K_QUANTS, normal_rows, weight_like_rows
 from suites.helpers import assertions as ah
 
 pytestmark = [pytest.mark.gguf, pytest.mark.reference]

@@ -24,7 +24,7 @@ from scalellm import llama_cpp_quantize, llama_cpp_run, quality, tables, text
 from scalellm.baselines import Tolerance
 from scalellm.gguf_file import numpy_shape, open_gguf
 from scalellm.quant import gguf as ref
-from suites.gguf.conftest import method_name
+from suites.helpers.gguf_cases import method_name
 from suites.helpers.quality_rows import record_quality_rows
 
 pytestmark = [pytest.mark.gguf, pytest.mark.quality]

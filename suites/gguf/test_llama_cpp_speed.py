@@ -17,7 +17,7 @@ import pytest
 
 from scalellm import llama_cpp_run, llama_cpp_worker, tables
 from scalellm.baselines import Tolerance
-from suites.gguf.conftest import method_name
+from suites.helpers.gguf_cases import method_name
 
 pytestmark = [pytest.mark.gguf, pytest.mark.throughput]
 

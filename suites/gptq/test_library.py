@@ -2,7 +2,7 @@
 
 * **GPTQModel** 7.6 (auto-gptq's maintained successor; transformers' ``GPTQConfig`` and optimum
   quantize through it) quantizes the real model on the reference's calibration tokens, decoder
-  layers and settings (``suites/gptq/conftest.py``: ``LIBRARY_SETTINGS``; why it is driven directly
+  layers and settings (``suites/helpers/gptq_cases.py``: ``LIBRARY_SETTINGS``; why it is driven directly
   rather than through ``GPTQConfig``: ``scalellm.gptq_library``), on its pure-torch kernel, saves
   the checkpoint and reloads it. Each quantized linear of the reloaded model is read back
   (``gptq_library.dequantized_weight``) and its layer error ``||WX - ŴX||²`` on the fp32 model's
@@ -23,7 +23,7 @@ import pytest
 
 from scalellm import generate, gptq_library
 from scalellm.baselines import Tolerance
-from suites.gptq.conftest import LIBRARY_METHOD, LIBRARY_SETTINGS, WINDOW, Spec
+from suites.helpers.gptq_cases import LIBRARY_METHOD, LIBRARY_SETTINGS, WINDOW, Spec
 from suites.helpers import imports
 from suites.helpers.isolation import Worker
 from suites.helpers.packages import need

@@ -20,7 +20,7 @@ import pytest
 
 from scalellm import gptq_library, train
 from scalellm.baselines import Tolerance
-from suites.gptq.conftest import QUANT_LAYERS
+from suites.helpers.gptq_cases import QUANT_LAYERS
 from suites.helpers.packages import need
 
 pytestmark = [pytest.mark.gptq, pytest.mark.lora, pytest.mark.quality]

@@ -1,7 +1,7 @@
 """Speed of the library path: GPTQModel's quantization time and the GPTQ model's generation tokens/s.
 
 * **Quantization time**: wall time of ``quantize()`` in the session's library run
-  (``suites/gptq/conftest.py``: five decoder layers, 2,048 calibration tokens, ``TorchLinear``),
+  (``suites/helpers/gptq_cases.py``: five decoder layers, 2,048 calibration tokens, ``TorchLinear``),
   one sample per session.
 * **Generation**: prefill and decode tokens/s of the reloaded GPTQ model (bf16, eager
   ``TorchLinear``: every forward dequantizes the weights it multiplies), measured as
@@ -17,7 +17,7 @@ import pytest
 
 from scalellm import generate, tables
 from scalellm.baselines import Tolerance
-from suites.gptq.conftest import LIBRARY_METHOD
+from suites.helpers.gptq_cases import LIBRARY_METHOD
 from suites.helpers.bounds import GENERATION_THROUGHPUT_TOL  # timed as the model tier times it
 
 pytestmark = [pytest.mark.gptq, pytest.mark.throughput]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from scalellm.baselines import Tolerance
-from suites.gptq.conftest import Spec
+from suites.helpers.gptq_cases import Spec
 from suites.helpers.bounds import GPTQ_QUALITY_TOL
 from suites.helpers.quality_rows import record_quality_rows
 
