@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.metadata
 import importlib.util
 import re
@@ -67,6 +69,30 @@ def predates_kernels(name: str, device: str) -> str | None:
     if release(installed) >= release(first):
         return None
     return f"{name} {installed} predates its {device} kernels (first in {first})"
+
+
+#: Minimums one library declares for another, read from the declaring library itself so they follow
+#: its releases: (declaring package, its module, the attribute holding the minimum, required package).
+#: transformers refuses to quantize with an older bitsandbytes (``quantizer_bnb_4bit.validate_environment``).
+DECLARED_MINIMUMS = (
+    ("transformers", "transformers.utils.import_utils", "BITSANDBYTES_MIN_VERSION", "bitsandbytes"),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def unmet_minimums() -> tuple[tuple[str, str], ...]:
+    """(required package, why) for each :data:`DECLARED_MINIMUMS` entry the installed stack does not meet,
+    e.g. ('bitsandbytes', 'transformers 5.24.0 requires bitsandbytes >= 0.46.1; 0.45.4 is installed')."""
+    unmet = []
+    for declaring, module, attribute, required in DECLARED_MINIMUMS:
+        try:
+            minimum = getattr(importlib.import_module(module), attribute)
+            have, by = importlib.metadata.version(required), importlib.metadata.version(declaring)
+        except (ImportError, AttributeError, importlib.metadata.PackageNotFoundError):
+            continue  # either package absent, or the declaration moved: nothing to check
+        if release(have) < release(minimum):
+            unmet.append((required, f"{declaring} {by} requires {required} >= {minimum}; {have} is installed"))
+    return tuple(unmet)
 
 
 def present(name: str) -> bool:

@@ -39,21 +39,58 @@ def test_fails_on_its_own(device):
 '''
 
 
-def install_fake(root, version: str) -> str:
-    """A folder holding the stand-in as bitsandbytes ``version`` (package and dist-info), for PYTHONPATH."""
-    site = root / "fake-site"
-    (site / "bitsandbytes").mkdir(parents=True)
-    (site / "bitsandbytes" / "__init__.py").write_text(FAKE_BNB)
-    info = site / f"bitsandbytes-{version}.dist-info"
+def fake_transformers(minimum: str) -> dict[str, str]:
+    """A stand-in for transformers: it declares ``minimum`` for bitsandbytes where transformers 5 does,
+    and its quantizer refuses an older bitsandbytes with transformers' own message."""
+    return {
+        "__init__.py": "",
+        "utils/__init__.py": "",
+        "utils/import_utils.py": f'BITSANDBYTES_MIN_VERSION = "{minimum}"\n',
+        "quantizer.py": (
+            "def quantize():\n"
+            "    raise ImportError('Using `bitsandbytes` 4-bit quantization requires bitsandbytes: '\n"
+            "                      '`pip install -U bitsandbytes>=0.46.1`')\n"),
+    }
+
+
+MINIMUM_TESTS = '''
+import pytest
+
+@pytest.mark.devices("cpu")
+def test_transformers_refuses_the_release(device):
+    from transformers import quantizer
+    quantizer.quantize()
+
+@pytest.mark.devices("cpu")
+def test_fails_on_its_own(device):
+    assert 1 == 2, "a failure of the suite's own code"
+'''
+
+
+def install_package(site, name: str, version: str, files: dict[str, str]) -> None:
+    """``files`` as package ``name`` ``version`` (package and dist-info) under ``site``."""
+    for relative, text in files.items():
+        (site / name / relative).parent.mkdir(parents=True, exist_ok=True)
+        (site / name / relative).write_text(text)
+    info = site / f"{name}-{version}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: bitsandbytes\nVersion: {version}\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def install_fake(root, version: str, transformers_minimum: str | None) -> str:
+    """A folder holding the stand-in as bitsandbytes ``version`` and, unless ``transformers_minimum`` is
+    None, the stand-in transformers declaring that minimum, for PYTHONPATH."""
+    site = root / "fake-site"
+    install_package(site, "bitsandbytes", version, {"__init__.py": FAKE_BNB})
+    if transformers_minimum is not None:
+        install_package(site, "transformers", "9.0.0", fake_transformers(transformers_minimum))
     return str(site)
 
 
-def run_with_release(suite, monkeypatch, version: str):
-    site = install_fake(suite.pytester.path, version)
+def run_with_release(suite, monkeypatch, version: str, *, tests: str = TESTS, transformers_minimum: str | None = None):
+    site = install_fake(suite.pytester.path, version, transformers_minimum)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([site, os.environ.get("PYTHONPATH", "")]))
-    suite.write("test_demo.py", TESTS)
+    suite.write("test_demo.py", tests)
     return suite.run("-rsf", "-m", "cpu", "--report-dir", str(suite.pytester.path / "report"))
 
 
@@ -81,6 +118,26 @@ def test_with_an_old_release_a_failure_from_the_library_is_unsupported_and_the_s
 
 @pytest.mark.parametrize("version", ["0.46.0", "0.50.2"])
 def test_with_a_release_that_has_the_kernels_every_failure_is_a_failure(suite, monkeypatch, version):
-    result = run_with_release(suite, monkeypatch, version)
+    # a transformers that declares no minimum above it: only the kernels rule is in play
+    result = run_with_release(suite, monkeypatch, version, transformers_minimum="0.43.0")
     result.assert_outcomes(failed=3)
+    assert "unsupported" not in result.stdout.str()
+
+
+
+def test_a_release_below_a_minimum_another_library_declares_is_named_and_its_refusal_is_unsupported(
+        suite, monkeypatch):
+    result = run_with_release(suite, monkeypatch, "0.46.0", tests=MINIMUM_TESTS, transformers_minimum="0.46.1")
+    result.stdout.fnmatch_lines(["stack: transformers 9.0.0 requires bitsandbytes >= 0.46.1; 0.46.0 is installed: "
+                                 "tests that fail using bitsandbytes are reported unsupported"])
+    result.assert_outcomes(failed=1, skipped=1)
+    result.stdout.fnmatch_lines([
+        "*unsupported: transformers 9.0.0 requires bitsandbytes >= 0.46.1; 0.46.0 is installed; it raised "
+        "ImportError: Using `bitsandbytes` 4-bit quantization requires bitsandbytes*",
+        "FAILED *test_fails_on_its_own*"])
+
+
+def test_at_the_declared_minimum_the_refusal_is_a_failure(suite, monkeypatch):
+    result = run_with_release(suite, monkeypatch, "0.46.1", tests=MINIMUM_TESTS, transformers_minimum="0.46.1")
+    result.assert_outcomes(failed=2)
     assert "unsupported" not in result.stdout.str()

@@ -1,4 +1,5 @@
-"""The ``unsupported`` verdict: a library release older than its first kernels for a device.
+"""The ``unsupported`` verdict: a library release older than its first kernels for a device, or older
+than the minimum another library of the stack declares for it.
 
 Run against such a release (``scalellm.packages.FIRST_WITH_KERNELS``: bitsandbytes before 0.46.0 has no
 CPU kernels), a suite fails by the dozen and says nothing about the release. So, while such a release
@@ -8,7 +9,10 @@ library: the exception passed through the library's code, or names the library (
 "requires bitsandbytes>=0.46.1"), or the test carries one of the library's method markers (a layer
 that did not quantize on ``.to('cpu')`` raises nothing). The summary counts these apart. With a
 release that has the kernels nothing changes: a failure is a failure, so a bug is still told from
-its fix (``scripts/regressions.toml``).
+its fix (``scripts/regressions.toml``). Likewise on every device while the stack holds a package below
+a minimum another library declares for it (``scalellm.packages.DECLARED_MINIMUMS``: transformers'
+``BITSANDBYTES_MIN_VERSION``): one line before the run names the pair, and a failure that used that
+package is ``unsupported`` with the library's message.
 """
 
 from __future__ import annotations
@@ -38,6 +42,17 @@ def used(item, excinfo, name: str, markers: tuple[str, ...]) -> bool:
             or any(item.get_closest_marker(m) for m in markers))
 
 
+def unmet_reason(item, excinfo) -> str | None:
+    """``'unsupported: transformers 5.24.0 requires bitsandbytes >= 0.46.1; 0.45.4 is installed; it raised
+    ...'`` for a failure that used a package the stack holds below a minimum another library declares
+    (``scalellm.packages.DECLARED_MINIMUMS``), on any device; else None."""
+    for required, why in packages.unmet_minimums():
+        if used(item, excinfo, required, ()):
+            text = str(excinfo.value).strip()
+            return f"{PREFIX}{why}; it raised {excinfo.typename}: {text.splitlines()[0][:200] if text else ''}"
+    return None
+
+
 def unsupported_reason(item, excinfo) -> str | None:
     """``'unsupported: bitsandbytes 0.45.4 predates its cpu kernels (first in 0.46.0); it raised ...'``
     for a failure that counts as unsupported, else None."""
@@ -47,7 +62,7 @@ def unsupported_reason(item, excinfo) -> str | None:
         if why and used(item, excinfo, name, markers):
             text = str(excinfo.value).strip()
             return f"{PREFIX}{why}; it raised {excinfo.typename}: {text.splitlines()[0][:200] if text else ''}"
-    return None
+    return unmet_reason(item, excinfo)
 
 
 def mark_unsupported(item, call, report) -> None:
@@ -67,4 +82,6 @@ def header_lines() -> list[str]:
         why = packages.predates_kernels(name, device)
         if why:
             lines.append(f"stack: {why}: {device} tests that fail using {name} are reported unsupported")
+    for required, why in packages.unmet_minimums():
+        lines.append(f"stack: {why}: tests that fail using {required} are reported unsupported")
     return lines
